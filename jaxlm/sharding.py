@@ -1,0 +1,174 @@
+"""Parallelism as data: one table from logical axis names to mesh axes.
+
+The model names every dimension of every weight and activation with a logical name ("embed",
+"heads", "batch", ...) and never mentions the mesh. This table decides where each name lives:
+
+    logical name   mesh axes            what it buys
+    ------------   ------------------   -------------------------------------------------------
+    batch          data, fsdp           data parallelism over both (FSDP is data parallel too)
+    embed          fsdp                 ZeRO-3: every weight, its gradient and Adam state split
+                                        along d_model; XLA all-gathers a layer's weights before
+                                        use and reduce-scatters its gradients
+    vocab          tensor               Megatron vocab-parallel embedding and logits
+    heads          tensor               column-parallel q/k/v, row-parallel attention out
+    kv_heads       tensor
+    mlp            tensor               column-parallel MLP in, row-parallel MLP out
+    layers, head_dim, length, positions, act_embed:  not sharded
+
+Axes of size 1 shard nothing, so the one table serves data parallelism (dp=8), FSDP (fsdp=8),
+tensor parallelism (tp=4) and every combination of them: the mesh decides. ZeRO-1
+(`train.zero1=true`) is the one variation: the optimizer state's "embed" goes over data x fsdp
+while the parameters keep the table above, so only Adam's moments are split over replicas.
+Activations use "act_embed" rather than "embed": their d_model stays whole on every device.
+"""
+
+import dataclasses
+import math
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.config import Config
+from jaxlm.errors import UsageError
+
+Rules = dict[str, tuple[str, ...]]
+
+RULES: Rules = {
+    # parameters
+    "layers": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "positions": (),
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "act_embed": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRules:
+    """The rules for parameters and for optimizer state (they differ only under ZeRO-1)."""
+
+    params: Rules
+    optimizer: Rules
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "LayoutRules":
+        optimizer = dict(RULES, embed=("data", "fsdp")) if cfg.train.zero1 else RULES
+        return cls(params=RULES, optimizer=optimizer)
+
+
+def spec(names: tuple[str | None, ...], rules: Rules = RULES) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical names, e.g. ('embed', 'mlp') -> P('fsdp', 'tensor')."""
+    parts = []
+    for name in names:
+        axes = rules[name] if name is not None else ()
+        parts.append(axes[0] if len(axes) == 1 else (tuple(axes) or None))
+    return PartitionSpec(*parts)
+
+
+def named(mesh: Mesh, names: tuple[str | None, ...], rules: Rules = RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec(names, rules))
+
+
+def tree_shardings(mesh: Mesh, logical_axes, rules: Rules):
+    """NamedShardings for a tree whose leaves are tuples of logical names."""
+    return jax.tree.map(
+        lambda names: named(mesh, names, rules), logical_axes, is_leaf=_is_axes
+    )
+
+
+def optimizer_shardings(mesh: Mesh, tx: optax.GradientTransformation, abstract_params,
+                        logical_axes, rules: Rules):
+    """Shardings for `tx`'s state: param-shaped parts follow the params, the rest replicated."""
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    param_shardings = tree_shardings(mesh, logical_axes, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token arrays [batch, length]: rows split over every data-parallel device."""
+    return named(mesh, ("batch", "length"))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+    """Pins activations to the table's layout inside the model; a no-op without a mesh.
+
+    Hashable (a static part of the model's graph definition), so one model definition can be
+    traced for any mesh, or for none in a notebook or a converter.
+    """
+
+    mesh: Mesh | None = None
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = tuple(RULES.items())
+
+    def __call__(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, named(self.mesh, names, dict(self.rules)))
+
+
+# --- what must divide what ----------------------------------------------------------------------
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
+def batch_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int]:
+    """(micro batch per replica, accumulation steps) with GBS = MBS x GAS x data-parallel size."""
+    t, dp = cfg.train, data_parallel_size(mesh)
+    if t.global_batch_size % dp:
+        raise UsageError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by the "
+            f"data-parallel size {dp} (data x fsdp)"
+        )
+    per_replica = t.global_batch_size // dp
+    micro = t.micro_batch_size or per_replica
+    if per_replica % micro:
+        raise UsageError(
+            f"train.micro_batch_size={micro} does not divide the {per_replica} sequences each "
+            f"data-parallel replica gets (global batch {t.global_batch_size} / {dp} replicas)"
+        )
+    return micro, per_replica // micro
+
+
+def check_layout(cfg: Config, mesh: Mesh, rules: LayoutRules) -> None:
+    """Every dimension the rules shard must divide evenly by the mesh axes that shard it."""
+    m = cfg.model
+    sizes = {
+        "vocab": ("model.vocab_size", m.vocab_size),
+        "embed": ("model.d_model", m.d_model),
+        "heads": ("model.n_heads", m.n_heads),
+        "kv_heads": ("model.n_kv_heads", m.kv_heads),
+        "mlp": ("model.d_ff", m.d_ff),
+    }
+    for table in (rules.params, rules.optimizer):
+        for logical, (key, size) in sizes.items():
+            axes = table[logical]
+            shards = math.prod(mesh.shape[a] for a in axes)
+            if size % shards:
+                where = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+                raise UsageError(
+                    f"{key}={size} is not divisible by {where}, which shards the "
+                    f"'{logical}' axis: choose sizes that divide or another mesh"
+                )
+    batch_geometry(cfg, mesh)
