@@ -1,0 +1,50 @@
+"""The model as pure data: a graph definition, a tree of parameter arrays, their logical axes.
+
+Training code never holds a stateful Flax object: it keeps parameters as a plain nested dict of
+arrays (what Orbax saves, what optax updates, what converters read) and rebuilds the module
+inside jit with `nnx.merge`, which costs nothing at run time.
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.model.transformer import Transformer
+from jaxlm.sharding import ActivationSharding
+
+Params = dict[str, Any]
+
+
+class ModelSpec(NamedTuple):
+    graphdef: Any  # nnx.GraphDef of Transformer: static structure, no arrays
+    shapes: Params  # jax.ShapeDtypeStruct per parameter
+    axes: Params  # tuple of logical axis names per parameter
+
+
+def build(cfg: ModelConfig, key: jax.Array, shard=ActivationSharding()) -> tuple[Any, Params]:
+    """(graphdef, params): a freshly initialised model, its parameters as a nested dict."""
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=key), shard=shard))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def describe(cfg: ModelConfig, shard=ActivationSharding()) -> ModelSpec:
+    """Shapes and logical axes of every parameter, without allocating any of them."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), shard=shard))
+    graphdef, state = nnx.split(abstract)
+    axes = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(state)))
+    return ModelSpec(graphdef, nnx.to_pure_dict(state), axes)
+
+
+def apply(graphdef, params: Params, tokens_BxL, positions_BxL=None, segments_BxL=None):
+    """Logits [B, L, V] for the token ids, from the parameter tree."""
+    return nnx.merge(graphdef, params)(tokens_BxL, positions_BxL, segments_BxL)
+
+
+def param_count(shapes: Params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+__all__ = ["ModelSpec", "Params", "Transformer", "apply", "build", "describe", "param_count"]

@@ -1,0 +1,166 @@
+"""The pieces of a transformer block: norms, rotary positions, attention and the MLP.
+
+Conventions (nanodo's): a tensor's name ends in its shape, with B batch, L length, D d_model,
+N query heads, K key/value heads, H head dim, F MLP hidden, V vocabulary; every contraction is
+an einsum. Parameters are float32 and carry logical axis names (see jaxlm/sharding.py) in their
+`out_sharding` metadata; they are cast to the compute dtype where they are used.
+"""
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+
+Initializer = Callable[..., jax.Array]
+Shard = Callable[[jax.Array, tuple], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tuple[str, ...]):
+    """A float32 parameter named by logical axes; placement is decided later, not here."""
+    assert len(shape) == len(axes), (shape, axes)
+    # eager_sharding=False: Flax would otherwise read the logical names as mesh axes. Layout is
+    # applied once, by jit's out_shardings over the whole state (jaxlm/step.py).
+    return nnx.Param(
+        init(rngs.params(), shape, jnp.float32), out_sharding=axes, eager_sharding=False
+    )
+
+
+def normal(std: float) -> Initializer:
+    return jax.nn.initializers.normal(stddev=std)
+
+
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Llama) or LayerNorm (GPT-2), computed in float32 whatever the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = param(rngs, ones, (cfg.d_model,), ("embed",))
+        if cfg.norm == "layernorm":
+            self.bias = param(rngs, zeros, (cfg.d_model,), ("embed",))
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        x = x_BxLxD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        if self.kind == "layernorm":
+            y = y + self.bias[...]
+        return y.astype(x_BxLxD.dtype)
+
+
+def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
+    """(sin, cos) of shape [B, L, H/2] for rotary embeddings at the given token positions."""
+    fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq_Hh = theta ** -fraction
+    angle_BxLxHh = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_Hh
+    return jnp.sin(angle_BxLxHh), jnp.cos(angle_BxLxHh)
+
+
+def apply_rotary(x_BxLxNxH: jax.Array, sin_BxLxHh: jax.Array, cos_BxLxHh: jax.Array):
+    """Rotate the two halves of each head (the "rotate_half" layout that Hugging Face uses)."""
+    x = x_BxLxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    sin, cos = sin_BxLxHh[:, :, None, :], cos_BxLxHh[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention through `jax.nn.dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        init, out_init = normal(cfg.init_std), normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.q_proj = param(rngs, init, (D, N, H), ("embed", "heads", "head_dim"))
+        self.k_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(rngs, out_init, (N, H, D), ("heads", "head_dim", "embed"))
+        self.use_bias = cfg.use_bias
+        if cfg.use_bias:
+            self.q_bias = param(rngs, zeros, (N, H), ("heads", "head_dim"))
+            self.k_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"))
+            self.v_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"))
+            self.o_bias = param(rngs, zeros, (D,), ("embed",))
+        self.implementation = cfg.attention
+        self.shard = shard
+
+    def __call__(self, x_BxLxD, rotary, mask_Bx1xLxL):
+        dtype = x_BxLxD.dtype
+        q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.q_proj[...].astype(dtype))
+        k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.k_proj[...].astype(dtype))
+        v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.v_proj[...].astype(dtype))
+        if self.use_bias:
+            q_BxLxNxH += self.q_bias[...].astype(dtype)
+            k_BxLxKxH += self.k_bias[...].astype(dtype)
+            v_BxLxKxH += self.v_bias[...].astype(dtype)
+        if rotary is not None:
+            q_BxLxNxH = apply_rotary(q_BxLxNxH, *rotary)
+            k_BxLxKxH = apply_rotary(k_BxLxKxH, *rotary)
+        q_BxLxNxH = self.shard(q_BxLxNxH, ("batch", "length", "heads", "head_dim"))
+        k_BxLxKxH = self.shard(k_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
+        v_BxLxKxH = self.shard(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
+        implementation = attention_implementation(self.implementation, dtype)
+        if dtype == jnp.float16 and jax.devices()[0].platform == "cpu":
+            # XLA:CPU has no float16 dot with float32 accumulation, which the XLA attention
+            # path asks for in float16; attend in float32 there (CPU runs are for trying).
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = (
+                t.astype(jnp.float32) for t in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
+            )
+        out_BxLxNxH = jax.nn.dot_product_attention(
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL, is_causal=True,
+            implementation=implementation,
+        ).astype(dtype)
+        # Row-parallel under tensor parallelism: each device holds whole heads, the sum over
+        # heads becomes one all-reduce (or reduce-scatter) of [B, L, D].
+        y_BxLxD = jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.o_proj[...].astype(dtype))
+        if self.use_bias:
+            y_BxLxD += self.o_bias[...].astype(dtype)
+        return y_BxLxD
+
+
+def attention_implementation(choice: str, dtype) -> str:
+    """'auto' picks cuDNN's fused flash kernel on NVIDIA GPUs in 16-bit, XLA elsewhere."""
+    if choice != "auto":
+        return choice
+    on_gpu = jax.devices()[0].platform == "gpu"
+    return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+class MLP(nnx.Module):
+    """SwiGLU (Llama: silu(x W_gate) * x W_up, then W_down) or GeLU (GPT-2, tanh form)."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        init, out_init = normal(cfg.init_std), normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.kind, self.use_bias, self.shard = cfg.mlp, cfg.use_bias, shard
+        if cfg.mlp == "swiglu":
+            self.gate_proj = param(rngs, init, (D, F), ("embed", "mlp"))
+        self.up_proj = param(rngs, init, (D, F), ("embed", "mlp"))
+        self.down_proj = param(rngs, out_init, (F, D), ("mlp", "embed"))
+        if cfg.use_bias:
+            self.up_bias = param(rngs, zeros, (F,), ("mlp",))
+            self.down_bias = param(rngs, zeros, (D,), ("embed",))
+
+    def __call__(self, x_BxLxD):
+        dtype = x_BxLxD.dtype
+        h_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.up_proj[...].astype(dtype))
+        if self.use_bias:
+            h_BxLxF += self.up_bias[...].astype(dtype)
+        if self.kind == "swiglu":
+            gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.gate_proj[...].astype(dtype))
+            h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
+        else:
+            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
+        h_BxLxF = self.shard(h_BxLxF, ("batch", "length", "mlp"))
+        y_BxLxD = jnp.einsum("BLF,FD->BLD", h_BxLxF, self.down_proj[...].astype(dtype))
+        if self.use_bias:
+            y_BxLxD += self.down_bias[...].astype(dtype)
+        return y_BxLxD

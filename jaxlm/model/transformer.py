@@ -1,0 +1,122 @@
+"""A decoder-only transformer, written once for every layout and every preset.
+
+Deviations from the vanilla (GPT-2) transformer, each chosen by a ModelConfig field:
+- pre-norm blocks, RMSNorm or LayerNorm (`norm`), the final norm before the head;
+- rotary positions on q and k with base `rope_theta` (`positions=rope`), or a learned table;
+- grouped-query attention: `n_kv_heads` key/value heads shared by groups of query heads;
+- SwiGLU or tanh-GeLU MLP (`mlp`); biases only with `use_bias`;
+- tied or untied output head (`tie_embeddings`);
+- output projections initialised with std / sqrt(2 * n_layers) (GPT-2, Megatron);
+- no dropout: pretraining on deduplicated data at this scale does not use it.
+
+The blocks are created once with a leading "layers" axis (`nnx.vmap`) and applied with
+`jax.lax.scan`, so compile time does not grow with depth, and the stacked weights are one array
+per role that the pipeline issue can split into stages. Activation recomputation wraps one layer.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.model.layers import MLP, Attention, Norm, Shard, normal, param, rotary_tables
+from jaxlm.sharding import ActivationSharding
+
+REMAT_POLICIES = {
+    # Recompute the whole layer in the backward pass: least memory, ~1/3 more FLOPs.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the weight matmuls' outputs, recompute the rest (attention scores, norms, activations):
+    # Megatron's "selective" recomputation.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, shard: Shard, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, shard, rngs=rngs)
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, shard, rngs=rngs)
+        self.shard = shard
+
+    def __call__(self, x_BxLxD, rotary, mask):
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rotary, mask)
+        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        return self.shard(x_BxLxD, ("batch", "length", "act_embed"))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = ActivationSharding()):
+        self.cfg, self.shard = cfg, shard
+        D, V = cfg.d_model, cfg.vocab_size
+        self.embedding = param(rngs, normal(cfg.init_std), (V, D), ("vocab", "embed"))
+        if cfg.positions == "learned":
+            self.position_embedding = param(
+                rngs, normal(cfg.init_std / 2), (cfg.max_seq_len, D), ("positions", "embed")
+            )
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs):
+            return Block(cfg, shard, rngs=rngs)
+
+        self.layers = stacked_blocks(rngs)
+        self.final_norm = Norm(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, normal(cfg.init_std), (D, V), ("embed", "vocab"))
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
+        """Logits [B, L, V] in the compute dtype.
+
+        positions: each token's position in its document (default 0..L-1);
+        segments: document ids for packed rows; tokens attend only within their document.
+        """
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        x_BxLxD = self.embed(tokens_BxL, positions_BxL)
+        return self.forward_embedded(x_BxLxD, positions_BxL, segments_BxL)
+
+    def embed(self, tokens_BxL, positions_BxL):
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        x_BxLxD = self._lookup(self.embedding, "vocab", tokens_BxL)
+        if self.cfg.positions == "learned":
+            x_BxLxD += self._lookup(self.position_embedding, "positions", positions_BxL)
+        return self.shard(x_BxLxD.astype(dtype), ("batch", "length", "act_embed"))
+
+    def _lookup(self, table, rows: str, ids_BxL):
+        # Gather the table's d_model over fsdp first, as FSDP does for every weight: XLA's
+        # partitioner cannot turn an fsdp-sharded gather into a batch-sharded output cheaply.
+        table_RxD = self.shard(table[...], (rows, "act_embed"))
+        return jnp.take(table_RxD, ids_BxL, axis=0)
+
+    def forward_embedded(self, x_BxLxD, positions_BxL, segments_BxL=None):
+        """The rest of the forward pass after the embedding lookup (differentiable in x)."""
+        cfg = self.cfg
+        rotary = None
+        if cfg.positions == "rope":
+            rotary = rotary_tables(positions_BxL, cfg.dim_per_head, cfg.rope_theta)
+        mask = None
+        if segments_BxL is not None:
+            mask = segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
+        x_BxLxD = self.run_layers(x_BxLxD, rotary, mask)
+        x_BxLxD = self.final_norm(x_BxLxD)
+        dtype = x_BxLxD.dtype
+        if cfg.tie_embeddings:
+            logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, self.embedding[...].astype(dtype))
+        else:
+            logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.lm_head[...].astype(dtype))
+        return self.shard(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def run_layers(self, x_BxLxD, rotary, mask):
+        """Scan the stacked blocks over the layer axis, one layer's weights at a time."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(x_BxLxD, layer_params):
+            return nnx.merge(graphdef, layer_params)(x_BxLxD, rotary, mask), None
+
+        if self.cfg.remat != "none":
+            one_layer = jax.checkpoint(
+                one_layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False
+            )
+        x_BxLxD, _ = jax.lax.scan(one_layer, x_BxLxD, stacked)
+        return x_BxLxD
