@@ -1,0 +1,73 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard (tensorboardX) and the terminal.
+
+`metrics.jsonl` gets one JSON object per step (steps count from 1). On a terminal the run shows a
+live progress bar (rich); elsewhere (a Slurm log, a pipe) it prints a plain line every
+`log.every` steps, so logs stay readable.
+"""
+
+import json
+import logging
+import math
+import pathlib
+import sys
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+log = logging.getLogger("jaxlm")
+
+
+class MetricsLog:
+    """Appends rows to DIR/metrics.jsonl and scalars to DIR/tensorboard; a no-op without DIR."""
+
+    def __init__(self, out_dir: pathlib.Path | None, *, tensorboard: bool = True):
+        self._file = self._writer = None
+        if out_dir is None:
+            return
+        self._file = open(out_dir / "metrics.jsonl", "w")
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # imported here: slow, and optional
+
+            self._writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, row: dict, *, prefix: str = "train") -> None:
+        if self._file:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        if self._writer:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._writer:
+            self._writer.close()
+
+
+class ProgressReport:
+    """A live bar on a terminal, plain log lines every `every` steps otherwise."""
+
+    def __init__(self, total_steps: int, *, every: int, first_step: int = 0):
+        self.total, self.every = total_steps, max(every, 1)
+        self._bar = None
+        if sys.stdout.isatty():
+            self._bar = Progress(
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+            )
+            self._task = self._bar.add_task("train", total=total_steps, completed=first_step,
+                                            status="compiling")
+            self._bar.start()
+
+    def update(self, row: dict) -> None:
+        status = f"loss {row['loss']:.4f} | {row['tokens_per_s']:,.0f} tok/s"
+        if self._bar:
+            self._bar.update(self._task, completed=row["step"], status=status)
+        elif row["step"] % self.every == 0 or row["step"] in (1, self.total):
+            log.info("step %d/%d | %s | %.3f s/step", row["step"], self.total, status,
+                     row["step_time_s"])
+
+    def close(self) -> None:
+        if self._bar:
+            self._bar.stop()

@@ -1,0 +1,210 @@
+"""The train state and the pure, jitted functions over it: init in place, train step, eval step.
+
+Nothing here keeps Python state or does I/O. `build_program` wires model, optimizer and the
+layout table into the functions the loop calls:
+
+    program = build_program(cfg, mesh)
+    state = program.init(jax.random.key(seed))          # created directly in its shards
+    state, metrics = program.train_step(state, batch)   # state donated, one trace per shape
+
+One optimizer step sees the global batch GBS = micro batch x accumulation steps x data-parallel
+size. Gradients of the micro batches are summed inside the jitted step (a scan), each already
+divided by the global batch's token count, so accumulating four micro batches of two is the
+same computation as one batch of eight.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import model as model_lib
+from jaxlm import optim, sharding
+from jaxlm.config import Config
+
+Batch = dict[str, jax.Array]  # inputs, targets, weights [B, L]; optionally positions, segments
+
+
+@struct.dataclass
+class LossScale:
+    """Dynamic loss scaling for float16 (Megatron's and Apex's rule): halve the scale on an
+    overflow, double it after `period` finite steps. Constant 1 for float32 and bfloat16.
+    (flax's DynamicScale wraps one value_and_grad call and cannot span an accumulation loop.)
+    """
+
+    value: jax.Array
+    finite_steps: jax.Array
+
+    @classmethod
+    def initial(cls, cfg: Config) -> "LossScale":
+        value = cfg.train.loss_scale if cfg.model.compute_dtype == "float16" else 1.0
+        return cls(jnp.float32(value), jnp.int32(0))
+
+    def adjust(self, finite: jax.Array, period: int) -> "LossScale":
+        grow = finite & (self.finite_steps + 1 >= period)
+        value = jnp.where(finite, jnp.where(grow, self.value * 2, self.value), self.value / 2)
+        return LossScale(jnp.maximum(value, 1.0), jnp.where(finite & ~grow, self.finite_steps + 1, 0))
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps taken, skipped ones included
+    params: model_lib.Params
+    opt_state: Any
+    loss_scale: LossScale
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What the loop needs for one config on one mesh (data, not behaviour)."""
+
+    spec: model_lib.ModelSpec
+    state_shardings: TrainState  # a NamedSharding per leaf
+    batch_sharding: NamedSharding
+    micro_batch: int  # sequences per data-parallel replica per forward pass
+    accumulation: int  # micro batches per optimizer step
+    init: Callable[[jax.Array], TrainState]
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    eval_step: Callable[[TrainState, Batch], dict]
+
+
+def build_program(cfg: Config, mesh: Mesh) -> Program:
+    rules = sharding.LayoutRules.from_config(cfg)
+    sharding.check_layout(cfg, mesh, rules)
+    micro_batch, accumulation = sharding.batch_geometry(cfg, mesh)
+    shard = sharding.ActivationSharding(mesh)
+    spec = model_lib.describe(cfg.model, shard)
+    tx = optim.make_optimizer(cfg.train, spec.shapes)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = sharding.tree_shardings(mesh, spec.axes, rules.params)
+    state_shardings = TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=sharding.optimizer_shardings(mesh, tx, spec.shapes, spec.axes, rules.optimizer),
+        loss_scale=LossScale(replicated, replicated),
+    )
+    # Under ZeRO-1 the summed gradients take the optimizer's layout, so XLA reduce-scatters
+    # them and each replica updates only its slice before the parameters are all-gathered.
+    grad_shardings = sharding.tree_shardings(mesh, spec.axes, rules.optimizer)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def init(key):
+        _, params = model_lib.build(cfg.model, key, shard)
+        return TrainState(jnp.int32(0), params, tx.init(params), LossScale.initial(cfg))
+
+    loss_fn = make_loss_fn(spec.graphdef)
+    step_fn = make_train_step(cfg, tx, loss_fn, accumulation, param_shardings, grad_shardings,
+                              batch_sharding)
+    return Program(
+        spec=spec,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        micro_batch=micro_batch,
+        accumulation=accumulation,
+        init=jax.jit(init, out_shardings=state_shardings),
+        train_step=jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            lambda state, batch: _eval(loss_fn, state, batch),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=replicated,
+        ),
+    )
+
+
+def make_loss_fn(graphdef):
+    """loss_sums(params, batch) -> (sum of token cross-entropies, number of target tokens)."""
+
+    def loss_sums(params, batch: Batch):
+        logits_BxLxV = model_lib.apply(
+            graphdef, params, batch["inputs"], batch.get("positions"), batch.get("segments")
+        )
+        # float32 for the softmax: bf16 log-sum-exp over a 50k vocabulary loses the loss's digits.
+        ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+            logits_BxLxV.astype(jnp.float32), batch["targets"]
+        )
+        weights_BxL = batch["weights"].astype(jnp.float32)
+        return (ce_BxL * weights_BxL).sum(), weights_BxL.sum()
+
+    return loss_sums
+
+
+def split_micro_batches(x, accumulation: int):
+    """[B, ...] -> [accumulation, B / accumulation, ...] without moving data between devices.
+
+    Row i goes to micro batch i % accumulation: each device's contiguous block of rows splits
+    into its own share of every micro batch, so the batch sharding carries over unchanged.
+    """
+    x = x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+
+def make_train_step(cfg: Config, tx, loss_sums, accumulation: int, param_shardings,
+                    grad_shardings, batch_sharding: NamedSharding):
+    schedule = optim.schedule(cfg.train)
+    float16 = cfg.model.compute_dtype == "float16"
+    micro_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec))
+
+    def train_step(state: TrainState, batch: Batch):
+        n_tokens = batch["weights"].astype(jnp.float32).sum()
+        micro_batches = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                split_micro_batches(x, accumulation), micro_sharding
+            ),
+            batch,
+        )
+        scale = state.loss_scale.value
+
+        def objective(params, micro_batch):
+            ce_sum, _ = loss_sums(params, micro_batch)
+            # Dividing by the *global* token count makes the summed micro-batch gradients the
+            # gradient of the global mean loss, whatever the accumulation.
+            return ce_sum / n_tokens * scale, ce_sum
+
+        def accumulate(carry, micro_batch):
+            grads_sum, ce_sum = carry
+            (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
+            return (grads_sum, ce_sum + ce), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, ce_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), micro_batches)
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+        loss = ce_sum / n_tokens
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        applied = state.step - optim.skipped_steps(state.opt_state)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss_scale = state.loss_scale.adjust(finite, cfg.train.loss_scale_period) if float16 \
+            else state.loss_scale
+        new_state = TrainState(state.step + 1, params, opt_state, loss_scale)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(applied),
+            "tokens": n_tokens,
+            "skipped_steps": optim.skipped_steps(opt_state),
+            "loss_scale": loss_scale.value,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def _eval(loss_sums, state: TrainState, batch: Batch) -> dict:
+    ce_sum, n_tokens = loss_sums(state.params, batch)
+    return {"loss_sum": ce_sum, "tokens": n_tokens}
