@@ -11,7 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 BRANCHING = 4
 
@@ -22,6 +22,7 @@ class SyntheticBatches:
     def __init__(self, *, batch_size: int, seq_len: int, vocab_size: int, seed: int,
                  sharding: NamedSharding):
         self.step = 0
+        self._replicated = NamedSharding(sharding.mesh, PartitionSpec())
         self._make = jax.jit(
             functools.partial(_batch, shape=(batch_size, seq_len), vocab_size=vocab_size,
                               seed=seed),
@@ -32,7 +33,8 @@ class SyntheticBatches:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        batch = self._make(jax.device_put(self.step))  # explicit: the loop forbids implicit
+        # An explicit copy of the step to every device: the loop forbids implicit transfers.
+        batch = self._make(jax.device_put(self.step, self._replicated))
         self.step += 1
         return batch
 
