@@ -16,13 +16,15 @@ From Python (a notebook, a test) the same path is `run(cfg, mesh, out_dir)`:
 
 import argparse
 import logging
+import math
 import os
 import pathlib
 import sys
 import time
 
 from jaxlm import config as config_lib
-from jaxlm.errors import EXIT_USAGE, UsageError
+from jaxlm.cli import run_command
+from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
 
@@ -43,12 +45,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)  # jaxlm's own lines only; JAX's loggers keep their levels
     args = parse_args(argv)
-    try:
+
+    def body():
         overrides = list(args.overrides) + ([f"mesh={args.mesh}"] if args.mesh else [])
         cfg = config_lib.load(args.config, overrides)
         if args.cpu_devices:
@@ -58,15 +57,14 @@ def main(argv=None) -> int:
         mesh = mesh_lib.make_mesh(cfg.mesh)
         out_dir = args.out or pathlib.Path("runs") / pathlib.Path(args.config or "default").stem
         run(cfg, mesh, out_dir)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+
+    return run_command(body)
 
 
 def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
         program=None) -> list[dict]:
-    """Train `cfg` on `mesh`; write outputs under `out_dir` if given; return the metrics rows.
+    """Train `cfg` on `mesh`; write outputs under `out_dir` if given; return the metrics rows
+    (one per step with `loss`, and one per validation with `val_loss`).
 
     `program` (from `jaxlm.step.build_program(cfg, mesh)`) may be passed in to reuse its
     compiled functions across runs, or to inspect them afterwards.
@@ -74,30 +72,26 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
     import jax
 
     from jaxlm import data, metrics
-    from jaxlm import mesh as mesh_lib
-    from jaxlm.model import param_count
     from jaxlm.step import build_program
 
     program = program or build_program(cfg, mesh)  # checks the layout before any compute
-    batches = data.make_batches(cfg, program.batch_sharding)
+    directory = data.resolve_source(cfg)  # checks the data against the model
+    batches = data.make_batches(cfg, program.batch_sharding, directory=directory)
+    evaluate = Evaluator(cfg, program, directory)
     out_dir = _prepare_out_dir(out_dir, cfg)
+    _log_start(cfg, mesh, program)
 
     t = cfg.train
     n_devices = mesh.devices.size
     tokens_per_step = t.global_batch_size * t.seq_len
-    log.info(
-        "jaxlm | %s parameters | mesh %s on %d %s devices | batch %d = micro %d x accum %d x "
-        "replicas %d | %d tokens/step | %s compute",
-        f"{param_count(program.spec.shapes):,}", mesh_lib.describe(dict(mesh.shape)), n_devices,
-        jax.devices()[0].platform, t.global_batch_size, program.micro_batch,
-        program.accumulation, t.global_batch_size // (program.micro_batch * program.accumulation),
-        tokens_per_step, cfg.model.compute_dtype,
-    )
-
     state = program.init(jax.random.key(t.seed))
     metrics_log = metrics.MetricsLog(out_dir, tensorboard=cfg.log.tensorboard)
     progress = metrics.ProgressReport(t.steps, every=cfg.log.every)
     rows = []
+
+    def write(row, prefix="train"):
+        rows.append(row)
+        metrics_log.write(row, prefix=prefix)
 
     def record(step, step_metrics, started):
         # Blocks until `step` is done, while the device already works on the next one.
@@ -109,8 +103,7 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
         row["tokens_per_s_per_device"] = row["tokens_per_s"] / n_devices
         if cfg.model.compute_dtype != "float16":
             del row["loss_scale"]
-        rows.append(row)
-        metrics_log.write(row)
+        write(row)
         progress.update(row)
         return now
 
@@ -123,19 +116,77 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
                 batch = next(batches)
                 dispatched = time.perf_counter()
                 state, step_metrics = program.train_step(state, batch)
-                if pending:
-                    last_done = record(*pending)
-                else:  # the first call traced and compiled before it returned
+                if step == 1:  # the first call traced and compiled before it returned
                     log.info("compiled the train step in %.1f s",
                              time.perf_counter() - dispatched)
                     last_done = time.perf_counter()
+                elif pending:
+                    last_done = record(*pending)
                 pending = (step, step_metrics, last_done)
+                if evaluate.due(step):
+                    record(*pending)
+                    pending = None
+                    write(evaluate(state, step), prefix="val")
+                    last_done = time.perf_counter()  # the next step's time excludes evaluation
             if pending:
                 record(*pending)
     finally:
         progress.close()
         metrics_log.close()
     return rows
+
+
+class Evaluator:
+    """Validation loss on the first `train.eval_batches` held-out batches, always the same ones."""
+
+    def __init__(self, cfg: config_lib.Config, program, directory):
+        from jaxlm import data
+
+        self.cfg, self.program = cfg, program
+        self.every = cfg.train.eval_every
+        self._batches = lambda: data.make_batches(cfg, program.batch_sharding, split="val",
+                                                  directory=directory)
+        self.count = cfg.train.eval_batches
+        if self.every:
+            try:
+                self.count = min(self.count, len(self._batches()))
+            except UsageError as e:  # no held-out split, or one too small for a batch
+                log.info("no validation: %s", e)
+                self.every = 0
+            except TypeError:  # synthetic batches are endless
+                pass
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and (step == 1 or step % self.every == 0
+                                     or step == self.cfg.train.steps)
+
+    def __call__(self, state, step: int) -> dict:
+        import jax
+
+        batches = self._batches()
+        sums = [self.program.eval_step(state, next(batches)) for _ in range(self.count)]
+        loss_sum, tokens = (sum(float(jax.device_get(s[k])) for s in sums)
+                            for k in ("loss_sum", "tokens"))
+        loss = loss_sum / tokens
+        log.info("step %d | validation loss %.4f | perplexity %.1f", step, loss, math.exp(loss))
+        return {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _log_start(cfg, mesh, program) -> None:
+    import jax
+
+    from jaxlm import mesh as mesh_lib
+    from jaxlm.model import param_count
+
+    t = cfg.train
+    log.info(
+        "jaxlm | %s parameters | mesh %s on %d %s devices | batch %d = micro %d x accum %d x "
+        "replicas %d | %d tokens/step | %s compute | data %s",
+        f"{param_count(program.spec.shapes):,}", mesh_lib.describe(dict(mesh.shape)),
+        mesh.devices.size, jax.devices()[0].platform, t.global_batch_size, program.micro_batch,
+        program.accumulation, t.global_batch_size // (program.micro_batch * program.accumulation),
+        t.global_batch_size * t.seq_len, cfg.model.compute_dtype, cfg.data.source,
+    )
 
 
 def _prepare_out_dir(out_dir: pathlib.Path | None, cfg) -> pathlib.Path | None:

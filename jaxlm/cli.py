@@ -1,0 +1,30 @@
+"""What every `python -m jaxlm.*` command shares at its edge: log lines and the exit-2 rule."""
+
+import logging
+import sys
+from collections.abc import Callable
+
+from jaxlm.errors import EXIT_USAGE, UsageError
+
+log = logging.getLogger("jaxlm")
+
+
+def setup_logging() -> None:
+    """jaxlm's own lines on stdout, bare; JAX's and other libraries' loggers keep their levels."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # a library that configures the root logger must not echo our lines
+
+
+def run_command(body: Callable[[], object]) -> int:
+    """Run a command's body; a UsageError becomes one line on stderr and exit code 2."""
+    setup_logging()
+    try:
+        body()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
