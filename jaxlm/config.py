@@ -26,15 +26,20 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of the decoder-only transformer (see jaxlm/model)."""
+    """Shape and numerics of the decoder-only transformer (see jaxlm/model).
+
+    The defaults are the small model that `python -m jaxlm.train` trains on the default corpus:
+    2.1 M parameters whose validation loss falls from ln(4096) = 8.3 to about 4.8 in 300 steps,
+    under three minutes on two CPU cores.
+    """
 
     vocab_size: int = 4096
-    d_model: int = 256
+    d_model: int = 128
     n_layers: int = 4
-    n_heads: int = 8
+    n_heads: int = 4
     n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
     head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int = 768
+    d_ff: int = 512
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
@@ -66,9 +71,9 @@ class TrainConfig:
     global_batch_size: int = 32  # sequences per optimizer step, over all devices
     micro_batch_size: int | None = None  # sequences per data-parallel replica per forward pass;
     # None: global_batch_size / data-parallel size, i.e. no gradient accumulation
-    seq_len: int = 256
+    seq_len: int = 128
     zero1: bool = False  # shard only the optimizer state over data x fsdp (params replicated)
-    lr: float = 3e-3
+    lr: float = 4e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -78,11 +83,20 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables it
     loss_scale: float = 32768.0  # initial dynamic loss scale, used only with float16 compute
     loss_scale_period: int = 1000  # finite steps before the float16 loss scale doubles
+    eval_every: int = 50  # validation loss after step 1, every this many steps, and at the end
+    eval_batches: int = 16  # held-out global batches per validation (fewer if the split is small)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"
+    # "stdlib" (the interpreter's standard library, tokenized into $JAXLM_CACHE on first use),
+    # a directory made by `python -m jaxlm.data prepare`, or "synthetic"
+    source: str = "stdlib"
+    tokenizer: str | None = None  # if set, refuse shards that another tokenizer made
+    cross_document_attention: bool = False  # false: packed documents do not see each other
+    threads: int = 1  # grain reader threads (0: read in the training thread)
+    prefetch: int = 4  # batches read ahead
+    verify: bool = True  # check every shard's CRC-32 when training starts
 
 
 @dataclasses.dataclass(frozen=True)

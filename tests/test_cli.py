@@ -18,13 +18,16 @@ def train(*args, cwd=None):
 
 
 def test_a_run_writes_metrics_tensorboard_and_its_config(tmp_path):
+    """The tiny preset on the default corpus (the standard library, built into the cache)."""
     out = tmp_path / "run"
     result = train("--config", "tiny", "--mesh", "dp=2,tp=4", "--out", str(out),
                    "train.steps=3", "model.n_layers=3")
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout  # the count is printed at start
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in lines if "val_loss" in r] == [1, 3]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device",
                 "step_time_s"):
         assert all(isinstance(r[key], float) for r in rows), key
