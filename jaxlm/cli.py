@@ -4,7 +4,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from jaxlm.errors import EXIT_USAGE, UsageError
+from jaxlm.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, Diverged, Preempted, UsageError
 
 log = logging.getLogger("jaxlm")
 
@@ -20,11 +20,18 @@ def setup_logging() -> None:
 
 
 def run_command(body: Callable[[], object]) -> int:
-    """Run a command's body; a UsageError becomes one line on stderr and exit code 2."""
+    """Run a command's body; a UsageError becomes one line on stderr and exit code 2, a
+    preemption exit code 75 and a diverged run exit code 1 (see jaxlm/errors.py)."""
     setup_logging()
     try:
         body()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Preempted as e:
+        log.info("%s", e)
+        return EXIT_PREEMPTED
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return 0

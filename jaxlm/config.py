@@ -76,6 +76,8 @@ class TrainConfig:
     lr: float = 4e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 30
+    decay_steps: int | None = None  # the schedule's length (None: train.steps); set it to stop
+    # early and extend a run later on the same schedule
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -83,6 +85,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables it
     loss_scale: float = 32768.0  # initial dynamic loss scale, used only with float16 compute
     loss_scale_period: int = 1000  # finite steps before the float16 loss scale doubles
+    time_limit: str | None = None  # "HH:MM:SS" or seconds: then save and exit 75 to be requeued
+    max_bad_steps: int = 5  # bad steps in a row before rolling back to the last checkpoint
+    spike_sigma: float = 0.0  # a loss above mean + k sigma of the window is a bad step (0: off)
+    spike_window: int = 100  # recent steps the spike statistics are taken over
     eval_every: int = 50  # validation loss after step 1, every this many steps, and at the end
     eval_batches: int = 16  # held-out global batches per validation (fewer if the split is small)
 
@@ -100,6 +106,23 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (also one at the end); 0: only at the end
+    keep: int = 3  # newest checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step divides by this, forever (0: none)
+    init_from: str | None = None  # start a new run from the params of another run's checkpoint
+    async_save: bool = True  # write in the background while training goes on
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugConfig:
+    """Test hooks: ways to make a run fail on purpose."""
+
+    nan_at_step: int | None = None  # poison the batch that step N of the run would consume
+    nan_steps: int = 1  # ... and this many batches after it
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     every: int = 10  # plain log lines (when not on a terminal) every this many steps
     tensorboard: bool = True
@@ -110,7 +133,9 @@ class Config:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    debug: DebugConfig = DebugConfig()
     mesh: str = "dp=-1"  # a mesh spec ("dp=2,tp=4") or the name of a preset in meshes/
 
 
@@ -185,6 +210,8 @@ def validate(cfg: Config) -> Config:
         raise UsageError(f"model.n_kv_heads={m.kv_heads} must divide model.n_heads={m.n_heads}")
     if m.positions == "rope" and m.dim_per_head % 2:
         raise UsageError(f"rotary positions need an even head dimension, not {m.dim_per_head}")
+    if t.time_limit is not None:
+        parse_duration(t.time_limit)
     if m.positions == "learned" and t.seq_len > m.max_seq_len:
         raise UsageError(
             f"train.seq_len={t.seq_len} is longer than the learned position table "
@@ -300,3 +327,17 @@ def _coerce(value: Any, annotation: Any, key: str, source: str, from_text: bool)
         except ValueError:
             pass
     raise UsageError(f"{key} must be {annotation.__name__}, not '{value}' ({source})")
+
+
+def parse_duration(text: str) -> float:
+    """'HH:MM:SS', 'MM:SS' or plain seconds -> seconds."""
+    try:
+        parts = [float(p) for p in str(text).split(":")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts):
+        raise UsageError(f"train.time_limit must be seconds or HH:MM:SS, not '{text}'")
+    seconds = 0.0
+    for p in parts:
+        seconds = seconds * 60 + p
+    return seconds

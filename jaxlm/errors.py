@@ -1,13 +1,27 @@
-"""The one exception type for mistakes a user can make.
+"""Exceptions that end a command with a documented exit code.
 
 Anything a user can get wrong from the command line or a config file (a mesh that does not fit,
 a typo in a key, missing data, a checkpoint of another model) raises `UsageError` with one
 sentence that says what is wrong and, where possible, how to fix it. The command-line entry points
 catch it, print the sentence to stderr and exit with `EXIT_USAGE`, before any compute starts.
+
+A run that stops early on request (SIGTERM, SIGUSR1, `train.time_limit`) saves a checkpoint at
+the step it finished and exits with `EXIT_PREEMPTED`, which requeue scripts look for: running the
+same command again continues the run.
 """
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL in sysexits.h: "temporary failure, try again"
 
 
 class UsageError(Exception):
     """A mistake in the user's input, reported as one sentence and exit code 2."""
+
+
+class Preempted(Exception):
+    """Training stopped on request after saving a checkpoint; exit code 75."""
+
+
+class Diverged(Exception):
+    """Training cannot go on (bad steps with no checkpoint to roll back to); exit code 1."""

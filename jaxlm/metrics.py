@@ -17,17 +17,35 @@ log = logging.getLogger("jaxlm")
 
 
 class MetricsLog:
-    """Appends rows to DIR/metrics.jsonl and scalars to DIR/tensorboard; a no-op without DIR."""
+    """Appends rows to DIR/metrics.jsonl and scalars to DIR/tensorboard; a no-op without DIR.
 
-    def __init__(self, out_dir: pathlib.Path | None, *, tensorboard: bool = True):
+    A run resumed from the checkpoint of step s drops the rows logged after s (the steps that
+    are about to run again) and appends; TensorBoard purges its events after s the same way.
+    """
+
+    def __init__(self, out_dir: pathlib.Path | None, *, resume_step: int = 0,
+                 tensorboard: bool = True):
         self._file = self._writer = None
         if out_dir is None:
             return
-        self._file = open(out_dir / "metrics.jsonl", "w")
+        path = out_dir / "metrics.jsonl"
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError):
+                    pass  # a line cut short by a kill
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+        self._file = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported here: slow, and optional
 
-            self._writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self._writer = SummaryWriter(str(out_dir / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, row: dict, *, prefix: str = "train") -> None:
         if self._file:

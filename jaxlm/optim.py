@@ -1,12 +1,12 @@
-"""The optimizer: AdamW with linear warmup and cosine decay, global-norm clipping, skip on NaN.
+"""The optimizer: AdamW with linear warmup and cosine decay, after global-norm clipping.
 
-    apply_if_finite(                     a step whose gradients hold a NaN or Inf changes nothing
-      clip_by_global_norm(grad_clip),    clipping before Adam, as Megatron and nanoGPT do
-      adamw(schedule, mask=decay_mask))  decoupled weight decay on projection matrices only
+    chain(clip_by_global_norm(grad_clip),    clipping before Adam, as Megatron and nanoGPT do
+          adamw(schedule, mask=decay_mask))  decoupled weight decay on projection matrices only
 
 Weight decay applies to the attention and MLP projections and an untied output head; never to
-norm scales, biases or embedding tables (token or position). The learning rate follows the
-number of updates actually applied, so skipped steps do not advance the schedule.
+norm scales, biases or embedding tables (token or position). The train step keeps the old
+parameters and optimizer state when a step is bad (jaxlm/step.py), so the schedule follows the
+number of updates actually applied.
 """
 
 import jax
@@ -14,18 +14,14 @@ import optax
 
 from jaxlm.config import TrainConfig
 
-# Far above any sane train.max_bad_steps: the training loop decides what to do about a run of
-# bad steps; the optimizer itself must never apply a non-finite update.
-_NEVER_GIVE_UP = 2**30
-
-
 def schedule(t: TrainConfig) -> optax.Schedule:
-    warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+    length = t.decay_steps or t.steps
+    warmup = min(t.warmup_steps, max(length - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=t.lr / (warmup + 1),  # the first step already learns
         peak_value=t.lr,
         warmup_steps=warmup,
-        decay_steps=max(t.steps, warmup + 1),
+        decay_steps=max(length, warmup + 1),
         end_value=t.lr * t.min_lr_ratio,
     )
 
@@ -51,9 +47,4 @@ def make_optimizer(t: TrainConfig, params) -> optax.GradientTransformation:
         mask=decay_mask(params),
     )
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
-    return optax.apply_if_finite(optax.chain(clip, adamw), max_consecutive_errors=_NEVER_GIVE_UP)
-
-
-def skipped_steps(opt_state) -> jax.Array:
-    """How many steps were skipped for non-finite gradients so far."""
-    return opt_state.total_notfinite
+    return optax.chain(clip, adamw)

@@ -5,7 +5,7 @@ layout table into the functions the loop calls:
 
     program = build_program(cfg, mesh)
     state = program.init(jax.random.key(seed))          # created directly in its shards
-    state, metrics = program.train_step(state, batch)   # state donated, one trace per shape
+    state, metrics = program.train_step(state, batch, loss_limit)   # state donated
 
 One optimizer step sees the global batch GBS = micro batch x accumulation steps x data-parallel
 size. Gradients of the micro batches are summed inside the jitted step (a scan), each already
@@ -53,7 +53,8 @@ class LossScale:
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32: optimizer steps taken, skipped ones included
+    step: jax.Array  # int32: steps taken (batches consumed), skipped ones included
+    skipped: jax.Array  # int32: steps whose update was dropped (non-finite, or a loss spike)
     params: model_lib.Params
     opt_state: Any
     loss_scale: LossScale
@@ -69,7 +70,7 @@ class Program:
     micro_batch: int  # sequences per data-parallel replica per forward pass
     accumulation: int  # micro batches per optimizer step
     init: Callable[[jax.Array], TrainState]
-    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]
     eval_step: Callable[[TrainState, Batch], dict]
 
 
@@ -85,6 +86,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
     param_shardings = sharding.tree_shardings(mesh, spec.axes, rules.params)
     state_shardings = TrainState(
         step=replicated,
+        skipped=replicated,
         params=param_shardings,
         opt_state=sharding.optimizer_shardings(mesh, tx, spec.shapes, spec.axes, rules.optimizer),
         loss_scale=LossScale(replicated, replicated),
@@ -96,7 +98,8 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
 
     def init(key):
         _, params = model_lib.build(cfg.model, key, shard)
-        return TrainState(jnp.int32(0), params, tx.init(params), LossScale.initial(cfg))
+        return TrainState(jnp.int32(0), jnp.int32(0), params, tx.init(params),
+                          LossScale.initial(cfg))
 
     loss_fn = make_loss_fn(spec.graphdef)
     step_fn = make_train_step(cfg, tx, loss_fn, accumulation, param_shardings, grad_shardings,
@@ -110,7 +113,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
         init=jax.jit(init, out_shardings=state_shardings),
         train_step=jax.jit(
             step_fn,
-            in_shardings=(state_shardings, batch_sharding),
+            in_shardings=(state_shardings, batch_sharding, replicated),
             out_shardings=(state_shardings, replicated),
             donate_argnums=0,
         ),
@@ -155,7 +158,9 @@ def make_train_step(cfg: Config, tx, loss_sums, accumulation: int, param_shardin
     float16 = cfg.model.compute_dtype == "float16"
     micro_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec))
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, loss_limit: jax.Array):
+        """One optimizer step; the update is dropped if the loss or gradients are not finite, or
+        if the loss exceeds `loss_limit` (a spike; +inf to never skip on size)."""
         n_tokens = batch["weights"].astype(jnp.float32).sum()
         micro_batches = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
@@ -186,18 +191,24 @@ def make_train_step(cfg: Config, tx, loss_sums, accumulation: int, param_shardin
         loss = ce_sum / n_tokens
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        applied = state.step - optim.skipped_steps(state.opt_state)
+        good = finite & (loss <= loss_limit)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A bad step keeps the old parameters and optimizer state (XLA fuses the select into the
+        # update, so the good path pays nothing for it).
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(good, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         loss_scale = state.loss_scale.adjust(finite, cfg.train.loss_scale_period) if float16 \
             else state.loss_scale
-        new_state = TrainState(state.step + 1, params, opt_state, loss_scale)
+        skipped = state.skipped + (~good).astype(jnp.int32)
+        new_state = TrainState(state.step + 1, skipped, params, opt_state, loss_scale)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": schedule(applied),
+            "lr": schedule(state.step - state.skipped),  # the updates applied before this one
             "tokens": n_tokens,
-            "skipped_steps": optim.skipped_steps(opt_state),
+            "skipped": (~good).astype(jnp.int32),
+            "skipped_steps": skipped,
             "loss_scale": loss_scale.value,
         }
         return new_state, metrics

@@ -63,76 +63,78 @@ def main(argv=None) -> int:
 
 def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
         program=None) -> list[dict]:
-    """Train `cfg` on `mesh`; write outputs under `out_dir` if given; return the metrics rows
-    (one per step with `loss`, and one per validation with `val_loss`).
+    """Train `cfg` on `mesh`; return the metrics rows written by this call (one per step with
+    `loss`, one per validation with `val_loss`).
 
-    `program` (from `jaxlm.step.build_program(cfg, mesh)`) may be passed in to reuse its
-    compiled functions across runs, or to inspect them afterwards.
+    With `out_dir`, the run writes metrics, TensorBoard events and checkpoints there, and resumes
+    from its newest intact checkpoint if it has one. `program` (from
+    `jaxlm.step.build_program(cfg, mesh)`) may be passed in to reuse its compiled functions, or
+    to inspect them afterwards.
     """
     import jax
 
-    from jaxlm import data, metrics
+    from jaxlm import checkpoint, data, metrics
+    from jaxlm import mesh as mesh_lib
+    from jaxlm.loop import Loop
+    from jaxlm.preemption import StopRequest
     from jaxlm.step import build_program
 
-    program = program or build_program(cfg, mesh)  # checks the layout before any compute
-    directory = data.resolve_source(cfg)  # checks the data against the model
+    # Every check a user's input can fail comes before the first array is allocated.
+    program = program or build_program(cfg, mesh)
+    directory = data.resolve_source(cfg)
     batches = data.make_batches(cfg, program.batch_sharding, directory=directory)
     evaluate = Evaluator(cfg, program, directory)
     out_dir = _prepare_out_dir(out_dir, cfg)
     _log_start(cfg, mesh, program)
 
-    t = cfg.train
-    n_devices = mesh.devices.size
-    tokens_per_step = t.global_batch_size * t.seq_len
-    state = program.init(jax.random.key(t.seed))
-    metrics_log = metrics.MetricsLog(out_dir, tensorboard=cfg.log.tensorboard)
-    progress = metrics.ProgressReport(t.steps, every=cfg.log.every)
+    key = jax.random.key(cfg.train.seed)
+    shapes = checkpoint.param_shapes(program.spec.shapes)
+    checkpoints = checkpoint.Checkpoints(out_dir, cfg.checkpoint) if out_dir else None
+
+    def restore():
+        target = checkpoint.abstract_target(jax.eval_shape(program.init, key),
+                                            program.state_shardings)
+        return checkpoints.restore_latest(target, shapes)
+
+    restored = restore() if checkpoints else None
+    if restored:
+        state, start = restored.state, restored.step
+        batches.set_state(restored.data_state)
+        log.info("resumed from the checkpoint of step %d", start)
+    else:
+        state, start = program.init(key), 0
+        if cfg.checkpoint.init_from:
+            target = checkpoint.abstract_target(program.spec.shapes,
+                                                program.state_shardings.params)
+            state = state.replace(
+                params=checkpoint.load_params(cfg.checkpoint.init_from, target, shapes))
+
     rows = []
+    metrics_log = metrics.MetricsLog(out_dir, resume_step=start,
+                                     tensorboard=cfg.log.tensorboard)
 
     def write(row, prefix="train"):
         rows.append(row)
         metrics_log.write(row, prefix=prefix)
 
-    def record(step, step_metrics, started):
-        # Blocks until `step` is done, while the device already works on the next one.
-        values = jax.device_get(step_metrics)
-        now = time.perf_counter()
-        row = {"step": step, **{k: float(v) for k, v in values.items()}}
-        row["step_time_s"] = now - started
-        row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
-        row["tokens_per_s_per_device"] = row["tokens_per_s"] / n_devices
-        if cfg.model.compute_dtype != "float16":
-            del row["loss_scale"]
-        write(row)
-        progress.update(row)
-        return now
-
-    # Inside the loop every host<->device copy must be explicit (device_put / device_get): a stray
-    # implicit one would stall the pipeline of dispatched steps, so it fails loudly instead.
-    pending = None
+    loop = Loop(
+        cfg=cfg, program=program, batches=batches, evaluate=evaluate, checkpoints=checkpoints,
+        write=write,
+        progress=metrics.ProgressReport(cfg.train.steps, every=cfg.log.every, first_step=start),
+        stop=StopRequest(config_lib.parse_duration(cfg.train.time_limit)
+                         if cfg.train.time_limit else None),
+        metadata={"mesh": mesh_lib.describe(dict(mesh.shape)), "devices": mesh.devices.size,
+                  "param_shapes": shapes, "seed": cfg.train.seed, "data": cfg.data.source},
+        restore=restore,
+    )
     try:
-        with jax.transfer_guard("disallow"):
-            for step in range(1, t.steps + 1):
-                batch = next(batches)
-                dispatched = time.perf_counter()
-                state, step_metrics = program.train_step(state, batch)
-                if step == 1:  # the first call traced and compiled before it returned
-                    log.info("compiled the train step in %.1f s",
-                             time.perf_counter() - dispatched)
-                    last_done = time.perf_counter()
-                elif pending:
-                    last_done = record(*pending)
-                pending = (step, step_metrics, last_done)
-                if evaluate.due(step):
-                    record(*pending)
-                    pending = None
-                    write(evaluate(state, step), prefix="val")
-                    last_done = time.perf_counter()  # the next step's time excludes evaluation
-            if pending:
-                record(*pending)
+        with loop.stop:
+            loop.run(state)
     finally:
-        progress.close()
+        loop.progress.close()
         metrics_log.close()
+        if checkpoints:
+            checkpoints.close()
     return rows
 
 

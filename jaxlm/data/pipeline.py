@@ -103,6 +103,7 @@ class GlobalBatches:
     def __init__(self, source: PackedBatches, sharding: NamedSharding, *, threads: int = 1,
                  prefetch: int = 4):
         self.source, self.sharding = source, sharding
+        self.position = 0  # batches consumed
         options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
         self._iterator = iter(grain.MapDataset.source(source).to_iter_dataset(options))
 
@@ -114,6 +115,7 @@ class GlobalBatches:
 
     def __next__(self) -> dict[str, jax.Array]:
         local = next(self._iterator)
+        self.position += 1
         return {k: self._globalize(v) for k, v in local.items()}
 
     def _globalize(self, local: np.ndarray) -> jax.Array:
@@ -121,7 +123,8 @@ class GlobalBatches:
         return jax.make_array_from_process_local_data(self.sharding, local, shape)
 
     def get_state(self) -> dict:
-        return self._iterator.get_state()
+        return {"position": self.position, "grain": self._iterator.get_state()}
 
     def set_state(self, state: dict) -> None:
-        self._iterator.set_state(state)
+        self._iterator.set_state(state["grain"])
+        self.position = state["position"]

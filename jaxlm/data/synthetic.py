@@ -21,7 +21,7 @@ class SyntheticBatches:
 
     def __init__(self, *, batch_size: int, seq_len: int, vocab_size: int, seed: int,
                  sharding: NamedSharding):
-        self.step = 0
+        self.position = 0
         self._replicated = NamedSharding(sharding.mesh, PartitionSpec())
         self._make = jax.jit(
             functools.partial(_batch, shape=(batch_size, seq_len), vocab_size=vocab_size,
@@ -34,15 +34,15 @@ class SyntheticBatches:
 
     def __next__(self) -> dict[str, jax.Array]:
         # An explicit copy of the step to every device: the loop forbids implicit transfers.
-        batch = self._make(jax.device_put(self.step, self._replicated))
-        self.step += 1
+        batch = self._make(jax.device_put(self.position, self._replicated))
+        self.position += 1
         return batch
 
     def get_state(self) -> dict:
-        return {"step": self.step}
+        return {"position": self.position}
 
     def set_state(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.position = int(state["position"])
 
 
 def _batch(step, *, shape, vocab_size, seed):

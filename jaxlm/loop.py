@@ -1,0 +1,177 @@
+"""The training loop: dispatch steps, record metrics one step behind, and keep the run alive.
+
+Per step: take a batch, dispatch the jitted step (asynchronous), then read the *previous*
+step's metrics while the device works on this one. Around that:
+- validation at the steps `Evaluator.due` names;
+- a checkpoint every `checkpoint.every` steps and at the end (asynchronous);
+- a stop request (SIGTERM, SIGUSR1, `train.time_limit`): finish the step, save synchronously,
+  raise Preempted (exit code 75);
+- bad steps (non-finite loss or gradients, or a loss spike when `train.spike_sigma` > 0) change
+  nothing; after `train.max_bad_steps` of them in a row the state rolls back to the last
+  checkpoint while the data runs on, so the batches that caused them are skipped.
+"""
+
+import collections
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlm.config import Config, TrainConfig
+from jaxlm.errors import Diverged, Preempted
+
+log = logging.getLogger("jaxlm")
+
+_SPIKE_MIN_HISTORY = 20  # steps of history before a spike can be called
+
+
+class BadSteps:
+    """Counts bad steps in a row; gives the loss above which a step counts as a spike."""
+
+    def __init__(self, t: TrainConfig):
+        self.sigma, self.max_in_a_row = t.spike_sigma, t.max_bad_steps
+        self.recent = collections.deque(maxlen=max(t.spike_window, 2))
+        self.in_a_row = 0
+
+    def loss_limit(self) -> float:
+        if not self.sigma or len(self.recent) < min(_SPIKE_MIN_HISTORY, self.recent.maxlen):
+            return math.inf
+        return statistics.fmean(self.recent) + self.sigma * statistics.pstdev(self.recent)
+
+    def observe(self, row: dict) -> None:
+        if row["skipped"]:
+            self.in_a_row += 1
+        else:
+            self.in_a_row = 0
+            self.recent.append(row["loss"])
+
+    @property
+    def rollback_due(self) -> bool:
+        return self.in_a_row >= self.max_in_a_row
+
+    def reset(self) -> None:
+        self.in_a_row = 0
+
+
+@dataclasses.dataclass
+class Loop:
+    cfg: Config
+    program: Any  # jaxlm.step.Program
+    batches: Any  # iterator of global batches with get_state / set_state / position
+    evaluate: Any  # jaxlm.train.Evaluator
+    checkpoints: Any  # jaxlm.checkpoint.Checkpoints, or None without a run directory
+    write: Any  # row, prefix -> None
+    progress: Any  # jaxlm.metrics.ProgressReport
+    stop: Any  # jaxlm.preemption.StopRequest
+    metadata: dict  # saved with every checkpoint
+    restore: Any  # () -> Restored | None: the newest intact checkpoint
+
+    def run(self, state) -> Any:
+        t = self.cfg.train
+        n_devices = self.program.batch_sharding.mesh.devices.size
+        tokens_per_step = t.global_batch_size * t.seq_len
+        replicated = NamedSharding(self.program.batch_sharding.mesh, PartitionSpec())
+        bad = BadSteps(t)
+        poison = _poisoner(self.cfg, self.program.batch_sharding)
+        step = int(jax.device_get(state.step))
+        saved_step = step
+        pending, last_done, first = None, time.perf_counter(), True
+
+        def record(step, step_metrics, started):
+            # Blocks until `step` is done, while the device already works on the next one.
+            values = jax.device_get(step_metrics)
+            now = time.perf_counter()
+            row = {"step": step, **{k: float(v) for k, v in values.items()}}
+            row["skipped"] = int(row["skipped"])
+            row["skipped_steps"] = int(row["skipped_steps"])
+            row["step_time_s"] = now - started
+            row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
+            row["tokens_per_s_per_device"] = row["tokens_per_s"] / n_devices
+            if self.cfg.model.compute_dtype != "float16":
+                del row["loss_scale"]
+            self.write(row)
+            self.progress.update(row)
+            bad.observe(row)
+            return now
+
+        # Inside the loop every host<->device copy is explicit (device_put / device_get): a stray
+        # implicit one would stall the dispatched steps, so it fails loudly instead.
+        with jax.transfer_guard("disallow"):
+            while step < t.steps:
+                batch = poison(next(self.batches), self.batches.position)
+                limit = jax.device_put(np.float32(bad.loss_limit()), replicated)
+                dispatched = time.perf_counter()
+                state, step_metrics = self.program.train_step(state, batch, limit)
+                step += 1
+                if first:  # the first call traced and compiled before it returned
+                    log.info("compiled the train step in %.1f s", time.perf_counter() - dispatched)
+                    last_done, first = time.perf_counter(), False
+                elif pending:
+                    last_done = record(*pending)
+                pending = (step, step_metrics, last_done)
+
+                stop = self.stop.requested
+                every = self.cfg.checkpoint.every
+                save = stop or step == t.steps or (every and step % every == 0)
+                if not (stop or save or bad.rollback_due or self.evaluate.due(step)):
+                    continue
+                record(*pending)  # everything below needs the step finished
+                pending = None
+                if bad.rollback_due:
+                    state, step = self._roll_back(state, step, bad)
+                    last_done = time.perf_counter()
+                    continue
+                if self.evaluate.due(step):
+                    self.write(self.evaluate(state, step), prefix="val")
+                if save and bad.in_a_row and not (stop or step == t.steps):
+                    # a rollback must land before the streak of bad steps
+                    log.info("no checkpoint at step %d: inside a run of bad steps", step)
+                    save = False
+                if save and self.checkpoints:
+                    self.checkpoints.save(step, state, self.batches.get_state(), self.cfg,
+                                          self.metadata, wait=stop)
+                    saved_step = step
+                if stop:
+                    where = (f"the checkpoint of step {saved_step} continues the run"
+                             if self.checkpoints else "nothing saved (no run directory)")
+                    raise Preempted(f"stopped by {self.stop.reason} after step {step}; {where}")
+                last_done = time.perf_counter()  # the next step's time excludes the above
+        if pending:
+            record(*pending)
+        return state
+
+    def _roll_back(self, state, step: int, bad: BadSteps):
+        restored = self.restore() if self.checkpoints else None
+        if restored is None:
+            raise Diverged(f"{bad.in_a_row} bad steps in a row (non-finite or spiking loss) up to "
+                           f"step {step}, and no checkpoint to roll back to")
+        log.warning("%d bad steps in a row up to step %d: rolled back to the checkpoint of step "
+                    "%d; the data goes on, so the batches that caused them are skipped",
+                    bad.in_a_row, step, restored.step)
+        self.write({"step": step, "rolled_back_to": restored.step}, prefix="events")
+        bad.reset()
+        return restored.state, restored.step
+
+
+def _poisoner(cfg: Config, sharding: NamedSharding):
+    """The debug.nan_at_step hook: NaN loss weights for chosen batches, as bad data would give."""
+    first = cfg.debug.nan_at_step
+    if first is None:
+        return lambda batch, position: batch
+    spoil = jax.jit(lambda w: w * jnp.nan, out_shardings=sharding)
+
+    def poison(batch, position: int):
+        # `position` counts the batches consumed so far, this one included: step k of an
+        # uninterrupted run consumes batch k.
+        if first <= position < first + cfg.debug.nan_steps:
+            return {**batch, "weights": spoil(batch["weights"])}
+        return batch
+
+    return poison
