@@ -131,9 +131,23 @@ def check_same_model(metadata: dict, shapes: dict[str, list[int]], where) -> Non
     names = sorted(set(saved) | set(shapes))
     diffs = [f"{n} {saved.get(n, 'absent')} there, {shapes.get(n, 'absent')} here"
              for n in names if saved.get(n) != shapes.get(n)]
+    if all(n in saved and n in shapes and _same_stack(saved[n], shapes[n])
+           for n in names if saved.get(n) != shapes.get(n)):
+        raise UsageError(
+            f"the checkpoint in {where} stores its layer stack split another way ({diffs[0]}): "
+            f"resume with the train.pipeline_repeats it was written with"
+        )
     more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
     raise UsageError(f"the checkpoint in {where} is of a model with other shapes: "
                      f"{'; '.join(diffs[:5])}{more}")
+
+
+def _same_stack(a: list[int], b: list[int]) -> bool:
+    """[L, ...] and [R, L/R, ...]: the same layers, stored for another circular pipeline."""
+    for x, y in ((a, b), (b, a)):
+        if len(x) == len(y) + 1 and x[0] * x[1] == y[0] and x[2:] == y[1:]:
+            return True
+    return False
 
 
 def load_params(path: str, target, shapes: dict[str, list[int]]):

@@ -73,6 +73,8 @@ class TrainConfig:
     # None: global_batch_size / data-parallel size, i.e. no gradient accumulation
     seq_len: int = 128
     zero1: bool = False  # shard only the optimizer state over data x fsdp (params replicated)
+    microbatches: int | None = None  # pipeline microbatches per forward pass (None: = stages)
+    pipeline_repeats: int = 1  # > 1: circular pipeline, each stage holds this many layer groups
     lr: float = 4e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 30

@@ -96,6 +96,8 @@ class Loop:
             row["tokens_per_s_per_device"] = row["tokens_per_s"] / n_devices
             if self.cfg.model.compute_dtype != "float16":
                 del row["loss_scale"]
+            if self.program.stages.stages > 1:
+                row["pipeline_bubble"] = self.program.stages.bubble
             self.write(row)
             self.progress.update(row)
             bad.observe(row)

@@ -6,6 +6,9 @@ The model names every dimension of every weight and activation with a logical na
     logical name   mesh axes            what it buys
     ------------   ------------------   -------------------------------------------------------
     batch          data, fsdp           data parallelism over both (FSDP is data parallel too)
+    layers         pipeline             pipeline stages: each holds a slice of the layer stack
+    pipeline_batch pipeline, data, fsdp the head's batch under pipelining: data parallel over the
+                                        stages too
     embed          fsdp                 ZeRO-3: every weight, its gradient and Adam state split
                                         along d_model; XLA all-gathers a layer's weights before
                                         use and reduce-scatters its gradients
@@ -13,10 +16,10 @@ The model names every dimension of every weight and activation with a logical na
     heads          tensor               column-parallel q/k/v, row-parallel attention out
     kv_heads       tensor
     mlp            tensor               column-parallel MLP in, row-parallel MLP out
-    layers, head_dim, length, positions, act_embed:  not sharded
+    repeats, head_dim, length, positions, act_embed:  not sharded
 
 Axes of size 1 shard nothing, so the one table serves data parallelism (dp=8), FSDP (fsdp=8),
-tensor parallelism (tp=4) and every combination of them: the mesh decides. ZeRO-1
+tensor parallelism (tp=4), pipelining (pp=4) and every combination of them: the mesh decides. ZeRO-1
 (`train.zero1=true`) is the one variation: the optimizer state's "embed" goes over data x fsdp
 while the parameters keep the table above, so only Adam's moments are split over replicas.
 Activations use "act_embed" rather than "embed": their d_model stays whole on every device.
@@ -36,7 +39,8 @@ Rules = dict[str, tuple[str, ...]]
 
 RULES: Rules = {
     # parameters
-    "layers": (),
+    "layers": ("pipeline",),
+    "repeats": (),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
@@ -46,6 +50,7 @@ RULES: Rules = {
     "positions": (),
     # activations
     "batch": ("data", "fsdp"),
+    "pipeline_batch": ("pipeline", "data", "fsdp"),
     "length": (),
     "act_embed": (),
 }
@@ -125,12 +130,47 @@ class ActivationSharding:
             return x
         return jax.lax.with_sharding_constraint(x, named(self.mesh, names, dict(self.rules)))
 
+    def fits(self, shape: tuple[int, ...], names: tuple[str | None, ...]) -> bool:
+        """Whether every dimension divides by the mesh axes that `names` put on it."""
+        rules = dict(self.rules)
+        return self.mesh is None or all(
+            size % math.prod(self.mesh.shape[a] for a in (rules[n] if n else ())) == 0
+            for size, n in zip(shape, names))
+
 
 # --- what must divide what ----------------------------------------------------------------------
 
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
+def pipeline_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int, int]:
+    """(stages, repeats, microbatches) of the pipeline; (1, 1, 1) without one."""
+    t, stages = cfg.train, mesh.shape["pipeline"]
+    repeats, microbatches = t.pipeline_repeats, t.microbatches or stages
+    if stages == 1:
+        if repeats > 1:
+            raise UsageError("train.pipeline_repeats needs a pipeline: add pp=N to the mesh")
+        return 1, 1, 1
+    layers = cfg.model.n_layers
+    if layers % (stages * repeats):
+        raise UsageError(
+            f"model.n_layers={layers} is not divisible by {stages} pipeline stages x "
+            f"{repeats} repeats = {stages * repeats}"
+        )
+    micro, _ = batch_geometry(cfg, mesh)
+    if microbatches < stages:
+        raise UsageError(
+            f"train.microbatches={microbatches} is fewer than the {stages} pipeline stages: "
+            f"use at least {stages} (more shrink the bubble)"
+        )
+    if micro % microbatches:
+        raise UsageError(
+            f"train.microbatches={microbatches} does not divide the {micro} sequences each "
+            f"data-parallel replica runs per forward pass (train.micro_batch_size)"
+        )
+    return stages, repeats, microbatches
 
 
 def batch_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int]:
@@ -172,3 +212,4 @@ def check_layout(cfg: Config, mesh: Mesh, rules: LayoutRules) -> None:
                     f"'{logical}' axis: choose sizes that divide or another mesh"
                 )
     batch_geometry(cfg, mesh)
+    pipeline_geometry(cfg, mesh)

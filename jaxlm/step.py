@@ -69,6 +69,7 @@ class Program:
     batch_sharding: NamedSharding
     micro_batch: int  # sequences per data-parallel replica per forward pass
     accumulation: int  # micro batches per optimizer step
+    stages: model_lib.PipelineSpec  # the pipeline (1 stage: none)
     init: Callable[[jax.Array], TrainState]
     train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]
     eval_step: Callable[[TrainState, Batch], dict]
@@ -78,8 +79,9 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
     rules = sharding.LayoutRules.from_config(cfg)
     sharding.check_layout(cfg, mesh, rules)
     micro_batch, accumulation = sharding.batch_geometry(cfg, mesh)
+    stages = model_lib.PipelineSpec(*sharding.pipeline_geometry(cfg, mesh))
     shard = sharding.ActivationSharding(mesh)
-    spec = model_lib.describe(cfg.model, shard)
+    spec = model_lib.describe(cfg.model, shard, stages)
     tx = optim.make_optimizer(cfg.train, spec.shapes)
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -97,7 +99,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
     batch_sharding = sharding.batch_sharding(mesh)
 
     def init(key):
-        _, params = model_lib.build(cfg.model, key, shard)
+        _, params = model_lib.build(cfg.model, key, shard, stages)
         return TrainState(jnp.int32(0), jnp.int32(0), params, tx.init(params),
                           LossScale.initial(cfg))
 
@@ -110,6 +112,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
         batch_sharding=batch_sharding,
         micro_batch=micro_batch,
         accumulation=accumulation,
+        stages=stages,
         init=jax.jit(init, out_shardings=state_shardings),
         train_step=jax.jit(
             step_fn,

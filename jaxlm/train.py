@@ -41,7 +41,7 @@ def parse_args(argv):
                    help="on CPU, pretend to have this many devices (to try a mesh on a laptop)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides such as train.steps=100 model.n_layers=8")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv=None) -> int:
@@ -189,6 +189,11 @@ def _log_start(cfg, mesh, program) -> None:
         program.accumulation, t.global_batch_size // (program.micro_batch * program.accumulation),
         t.global_batch_size * t.seq_len, cfg.model.compute_dtype, cfg.data.source,
     )
+    p = program.stages
+    if p.stages > 1:
+        log.info("pipeline | %d stages x %d repeats, %d layers each | %d microbatches per "
+                 "forward pass | bubble %.1f %% = (S-1)/(R*M+S-1)", p.stages, p.repeats,
+                 cfg.model.n_layers // (p.stages * p.repeats), p.microbatches, 100 * p.bubble)
 
 
 def _prepare_out_dir(out_dir: pathlib.Path | None, cfg) -> pathlib.Path | None:

@@ -47,6 +47,8 @@ def test_a_run_writes_metrics_tensorboard_and_its_config(tmp_path):
      "model.vocab_size=260 is not divisible by tensor=8"),
     (["--mesh", "dp=8", "train.global_batch_size=20"],
      "train.global_batch_size=20 is not divisible by the data-parallel size 8"),
+    (["--mesh", "pp=4,dp=2", "model.n_layers=6"],
+     "model.n_layers=6 is not divisible by 4 pipeline stages x 1 repeats = 4"),
     (["model.d_modle=64"], "unknown config key 'model.d_modle' in the command line; "
                            "did you mean 'model.d_model'?"),
     (["--config", "gpt-125m"], "unknown config preset 'gpt-125m': did you mean 'gpt-124m'?"),

@@ -51,11 +51,11 @@ def test_tensor_parallel_is_megatron_layout(tiny_cfg):
     state = init(tiny_cfg(), "tp=4,dp=2")
     layers = state.params["layers"]
     spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
-    # ("fsdp" has size 1 on this mesh: those dimensions are whole on every device)
-    assert spec(layers["attn"]["q_proj"]) == (None, "fsdp", "tensor", None)  # column-parallel
-    assert spec(layers["attn"]["o_proj"]) == (None, "tensor", None, "fsdp")  # row-parallel
-    assert spec(layers["mlp"]["up_proj"]) == (None, "fsdp", "tensor")
-    assert spec(layers["mlp"]["down_proj"]) == (None, "tensor", "fsdp")
+    # ("fsdp" and "pipeline" have size 1 on this mesh: those dimensions are whole everywhere)
+    assert spec(layers["attn"]["q_proj"]) == ("pipeline", "fsdp", "tensor", None)  # column-par.
+    assert spec(layers["attn"]["o_proj"]) == ("pipeline", "tensor", None, "fsdp")  # row-parallel
+    assert spec(layers["mlp"]["up_proj"]) == ("pipeline", "fsdp", "tensor")
+    assert spec(layers["mlp"]["down_proj"]) == ("pipeline", "tensor", "fsdp")
     assert spec(state.params["embedding"]) == ("tensor", "fsdp")  # vocab-parallel
     q_shard = layers["attn"]["q_proj"].addressable_shards[0].data
     assert q_shard.shape[2] == layers["attn"]["q_proj"].shape[2] // 4

@@ -14,12 +14,16 @@ The blocks are created once with a leading "layers" axis (`nnx.vmap`) and applie
 per role that the pipeline issue can split into stages. Activation recomputation wraps one layer.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.model import pipeline
 from jaxlm.model.layers import MLP, Attention, Norm, Shard, normal, param, rotary_tables
+from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.sharding import ActivationSharding
 
 REMAT_POLICIES = {
@@ -46,8 +50,9 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = ActivationSharding()):
-        self.cfg, self.shard = cfg, shard
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = ActivationSharding(),
+                 stages: PipelineSpec = PipelineSpec()):
+        self.cfg, self.shard, self.stages = cfg, shard, stages
         D, V = cfg.d_model, cfg.vocab_size
         self.embedding = param(rngs, normal(cfg.init_std), (V, D), ("vocab", "embed"))
         if cfg.positions == "learned":
@@ -61,6 +66,8 @@ class Transformer(nnx.Module):
             return Block(cfg, shard, rngs=rngs)
 
         self.layers = stacked_blocks(rngs)
+        if stages.repeats > 1:
+            _split_layer_axis(self.layers, stages.repeats)
         self.final_norm = Norm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (D, V), ("embed", "vocab"))
@@ -92,13 +99,16 @@ class Transformer(nnx.Module):
     def forward_embedded(self, x_BxLxD, positions_BxL, segments_BxL=None):
         """The rest of the forward pass after the embedding lookup (differentiable in x)."""
         cfg = self.cfg
-        rotary = None
-        if cfg.positions == "rope":
-            rotary = rotary_tables(positions_BxL, cfg.dim_per_head, cfg.rope_theta)
-        mask = None
-        if segments_BxL is not None:
-            mask = segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
-        x_BxLxD = self.run_layers(x_BxLxD, rotary, mask)
+        graphdef, stacked = nnx.split(self.layers)
+        if self.stages.stages > 1:
+            x_BxLxD = pipeline.run(functools.partial(self._run_layers, graphdef), stacked,
+                                   x_BxLxD, positions_BxL, segments_BxL, self.stages)
+            # The head runs data-parallel over the pipeline axis too, where the batch divides.
+            names = ("pipeline_batch", "length", "act_embed")
+            if self.shard.fits(x_BxLxD.shape, names):
+                x_BxLxD = self.shard(x_BxLxD, names)
+        else:
+            x_BxLxD = self._run_layers(graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL)
         x_BxLxD = self.final_norm(x_BxLxD)
         dtype = x_BxLxD.dtype
         if cfg.tie_embeddings:
@@ -107,9 +117,15 @@ class Transformer(nnx.Module):
             logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.lm_head[...].astype(dtype))
         return self.shard(logits_BxLxV, ("batch", "length", "vocab"))
 
-    def run_layers(self, x_BxLxD, rotary, mask):
-        """Scan the stacked blocks over the layer axis, one layer's weights at a time."""
-        graphdef, stacked = nnx.split(self.layers)
+    def _run_layers(self, graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL):
+        """Scan blocks over the leading axis of `stacked`, one layer's weights at a time."""
+        cfg = self.cfg
+        rotary = None
+        if cfg.positions == "rope":
+            rotary = rotary_tables(positions_BxL, cfg.dim_per_head, cfg.rope_theta)
+        mask = None
+        if segments_BxL is not None:
+            mask = segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
 
         def one_layer(x_BxLxD, layer_params):
             return nnx.merge(graphdef, layer_params)(x_BxLxD, rotary, mask), None
@@ -120,3 +136,13 @@ class Transformer(nnx.Module):
             )
         x_BxLxD, _ = jax.lax.scan(one_layer, x_BxLxD, stacked)
         return x_BxLxD
+
+
+def _split_layer_axis(stack: nnx.Module, repeats: int) -> None:
+    """[L, ...] -> [repeats, L / repeats, ...], the circular pipeline's layout. The values are the
+    ones a plain stack gets (only reshaped), and the flat order stays the execution order."""
+    for _, variable in nnx.iter_graph(stack):
+        if isinstance(variable, nnx.Param):
+            value = variable[...]
+            variable.set_value(value.reshape(repeats, -1, *value.shape[1:]))
+            variable.set_metadata(out_sharding=("repeats", *variable.get_metadata()["out_sharding"]))
