@@ -117,6 +117,12 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    init_timeout: int = 120  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before the others give up
+
+
+@dataclasses.dataclass(frozen=True)
 class DebugConfig:
     """Test hooks: ways to make a run fail on purpose."""
 
@@ -136,6 +142,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
     log: LogConfig = LogConfig()
     debug: DebugConfig = DebugConfig()
     mesh: str = "dp=-1"  # a mesh spec ("dp=2,tp=4") or the name of a preset in meshes/

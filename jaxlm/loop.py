@@ -75,18 +75,20 @@ class Loop:
 
     def run(self, state) -> Any:
         t = self.cfg.train
-        n_devices = self.program.batch_sharding.mesh.devices.size
+        mesh = self.program.batch_sharding.mesh
+        n_devices = mesh.devices.size
         tokens_per_step = t.global_batch_size * t.seq_len
-        replicated = NamedSharding(self.program.batch_sharding.mesh, PartitionSpec())
+        replicated = NamedSharding(mesh, PartitionSpec())
         bad = BadSteps(t)
         poison = _poisoner(self.cfg, self.program.batch_sharding)
+        vote = _StopVote(self.stop, mesh)
         step = int(jax.device_get(state.step))
         saved_step = step
-        pending, last_done, first = None, time.perf_counter(), True
+        pending, last_done, first, stop = None, time.perf_counter(), True, False
 
-        def record(step, step_metrics, started):
+        def record(step, step_metrics, stop_vote, started):
             # Blocks until `step` is done, while the device already works on the next one.
-            values = jax.device_get(step_metrics)
+            values, stop_agreed = jax.device_get((step_metrics, stop_vote))
             now = time.perf_counter()
             row = {"step": step, **{k: float(v) for k, v in values.items()}}
             row["skipped"] = int(row["skipped"])
@@ -101,7 +103,7 @@ class Loop:
             self.write(row)
             self.progress.update(row)
             bad.observe(row)
-            return now
+            return now, bool(stop_agreed)
 
         # Inside the loop every host<->device copy is explicit (device_put / device_get): a stray
         # implicit one would stall the dispatched steps, so it fails loudly instead.
@@ -116,17 +118,16 @@ class Loop:
                     log.info("compiled the train step in %.1f s", time.perf_counter() - dispatched)
                     last_done, first = time.perf_counter(), False
                 elif pending:
-                    last_done = record(*pending)
-                pending = (step, step_metrics, last_done)
+                    last_done, stop = record(*pending)
+                pending = (step, step_metrics, vote.cast(), last_done)
 
-                stop = self.stop.requested
                 every = self.cfg.checkpoint.every
-                save = stop or step == t.steps or (every and step % every == 0)
+                save = step == t.steps or (every and step % every == 0)
                 if not (stop or save or bad.rollback_due or self.evaluate.due(step)):
                     continue
-                record(*pending)  # everything below needs the step finished
-                pending = None
-                if bad.rollback_due:
+                _, stop_now = record(*pending)  # everything below needs the step finished
+                stop, pending = stop or stop_now, None
+                if bad.rollback_due and not stop:
                     state, step = self._roll_back(state, step, bad)
                     last_done = time.perf_counter()
                     continue
@@ -136,14 +137,15 @@ class Loop:
                     # a rollback must land before the streak of bad steps
                     log.info("no checkpoint at step %d: inside a run of bad steps", step)
                     save = False
-                if save and self.checkpoints:
+                if (save or stop) and self.checkpoints:
                     self.checkpoints.save(step, state, self.batches.get_state(), self.cfg,
                                           self.metadata, wait=stop)
                     saved_step = step
                 if stop:
                     where = (f"the checkpoint of step {saved_step} continues the run"
                              if self.checkpoints else "nothing saved (no run directory)")
-                    raise Preempted(f"stopped by {self.stop.reason} after step {step}; {where}")
+                    raise Preempted(f"stopped by {self.stop.reason or 'another process'} after "
+                                    f"step {step}; {where}")
                 last_done = time.perf_counter()  # the next step's time excludes the above
         if pending:
             record(*pending)
@@ -160,6 +162,25 @@ class Loop:
         self.write({"step": step, "rolled_back_to": restored.step}, prefix="events")
         bad.reset()
         return restored.state, restored.step
+
+
+class _StopVote:
+    """Makes one stop decision that every process shares. Each process casts its own request
+    (a signal it got, its clock against the time limit) as one flag per local device; the
+    devices reduce them with `any`, and the loop reads the result with the step's metrics, so
+    all processes stop after the same step without an extra host synchronisation."""
+
+    def __init__(self, request, mesh):
+        self.request = request
+        self._flags = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self._size = mesh.devices.size
+        self._any = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def cast(self) -> jax.Array:
+        local = np.full(len(self._flags.addressable_devices), self.request.requested)
+        with jax.transfer_guard_host_to_device("allow"):  # intended: the vote goes to the devices
+            flags = jax.make_array_from_process_local_data(self._flags, local, (self._size,))
+        return self._any(flags)
 
 
 def _poisoner(cfg: Config, sharding: NamedSharding):

@@ -5,19 +5,25 @@ links so that collectives of the inner axes stay on the fast ones:
 
     pipeline -> data -> fsdp -> tensor          (tensor innermost: inside one node)
 
-Devices fill the mesh in `jax.devices()` order, which lists a node's devices together, so a
-tensor group never straddles two nodes while tensor x fsdp (x ...) fits in one. The mesh is built
-once in `main` and passed down; nothing here is global.
+With one process, devices fill the mesh in `jax.devices()` order. With several (one per node,
+or one per GPU), the mesh is hybrid: each axis is split into a part inside a process and a part
+across processes, the innermost axes taking the process's own devices first, so a tensor group
+stays on one node's links and data parallelism spans the nodes. The mesh is built once in `main`
+and passed down; nothing here is global.
 """
 
+import logging
 import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxlm import config as config_lib
 from jaxlm.errors import UsageError
+
+log = logging.getLogger("jaxlm")
 
 AXES = ("pipeline", "data", "fsdp", "tensor")
 SHORT_NAMES = {"pp": "pipeline", "dp": "data", "fsdp": "fsdp", "tp": "tensor"}
@@ -90,9 +96,38 @@ def make_mesh(spec_or_preset: str, devices=None) -> Mesh:
     """The mesh for a spec ("dp=2,tp=4") or preset over `devices` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve(read(spec_or_preset), len(devices))
-    shape = tuple(sizes[a] for a in AXES)
     # Auto axis types: shardings come from the logical-axis table and XLA propagates the rest.
-    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return Mesh(device_grid(sizes, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(sizes: dict[str, int], devices: list) -> np.ndarray:
+    """The devices as an array of the mesh's shape, hybrid when they span several processes."""
+    shape = tuple(sizes[a] for a in AXES)
+    processes = len({d.process_index for d in devices})
+    if processes == 1:
+        return np.asarray(devices).reshape(shape)
+    local, outer = split_over_processes(sizes, len(devices) // processes)
+    if outer["tensor"] > 1:
+        log.warning("tensor parallelism across processes (tp=%d, %d devices per process): its "
+                    "collectives run over the slow network", sizes["tensor"],
+                    len(devices) // processes)
+    return mesh_utils.create_hybrid_device_mesh(
+        [local[a] for a in AXES], [outer[a] for a in AXES], devices, process_is_granule=True)
+
+
+def split_over_processes(sizes: dict[str, int], per_process: int):
+    """Each axis as (inside a process) x (across processes), innermost axes inside first."""
+    local, outer, left = {}, {}, per_process
+    for axis in reversed(AXES):
+        local[axis] = math.gcd(sizes[axis], left)
+        outer[axis] = sizes[axis] // local[axis]
+        left //= local[axis]
+    if left != 1:
+        raise UsageError(
+            f"the mesh {describe(sizes)} cannot place {per_process} devices per process: make the "
+            f"innermost axes (tp, fsdp, ...) fill a process's devices"
+        )
+    return local, outer
 
 
 def axis_sizes(mesh: Mesh) -> dict[str, int]:

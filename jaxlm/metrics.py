@@ -66,10 +66,10 @@ class MetricsLog:
 class ProgressReport:
     """A live bar on a terminal, plain log lines every `every` steps otherwise."""
 
-    def __init__(self, total_steps: int, *, every: int, first_step: int = 0):
+    def __init__(self, total_steps: int, *, every: int, first_step: int = 0, live: bool = True):
         self.total, self.every = total_steps, max(every, 1)
         self._bar = None
-        if sys.stdout.isatty():
+        if live and sys.stdout.isatty():
             self._bar = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(),

@@ -52,8 +52,11 @@ def main(argv=None) -> int:
         cfg = config_lib.load(args.config, overrides)
         if args.cpu_devices:
             os.environ["JAX_NUM_CPU_DEVICES"] = str(args.cpu_devices)
-        from jaxlm import mesh as mesh_lib  # imports JAX: after the config is known to be sound
+        # JAX is imported only now, once the config is known to be sound.
+        from jaxlm import distributed
+        from jaxlm import mesh as mesh_lib
 
+        distributed.initialize(cfg.distributed)
         mesh = mesh_lib.make_mesh(cfg.mesh)
         out_dir = args.out or pathlib.Path("runs") / pathlib.Path(args.config or "default").stem
         run(cfg, mesh, out_dir)
@@ -73,7 +76,7 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
     """
     import jax
 
-    from jaxlm import checkpoint, data, metrics
+    from jaxlm import checkpoint, data, distributed, metrics
     from jaxlm import mesh as mesh_lib
     from jaxlm.loop import Loop
     from jaxlm.preemption import StopRequest
@@ -84,7 +87,10 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
     directory = data.resolve_source(cfg)
     batches = data.make_batches(cfg, program.batch_sharding, directory=directory)
     evaluate = Evaluator(cfg, program, directory)
-    out_dir = _prepare_out_dir(out_dir, cfg)
+    main = jax.process_index() == 0  # writes metrics, TensorBoard and the config
+    out_dir = _prepare_out_dir(out_dir, cfg, write_config=main)
+    if jax.process_count() > 1:
+        distributed.log_to_file(out_dir)  # and only process 0 on the terminal
     _log_start(cfg, mesh, program)
 
     key = jax.random.key(cfg.train.seed)
@@ -110,7 +116,7 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
                 params=checkpoint.load_params(cfg.checkpoint.init_from, target, shapes))
 
     rows = []
-    metrics_log = metrics.MetricsLog(out_dir, resume_step=start,
+    metrics_log = metrics.MetricsLog(out_dir if main else None, resume_step=start,
                                      tensorboard=cfg.log.tensorboard)
 
     def write(row, prefix="train"):
@@ -120,7 +126,8 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
     loop = Loop(
         cfg=cfg, program=program, batches=batches, evaluate=evaluate, checkpoints=checkpoints,
         write=write,
-        progress=metrics.ProgressReport(cfg.train.steps, every=cfg.log.every, first_step=start),
+        progress=metrics.ProgressReport(cfg.train.steps, every=cfg.log.every, first_step=start,
+                                        live=main),
         stop=StopRequest(config_lib.parse_duration(cfg.train.time_limit)
                          if cfg.train.time_limit else None),
         metadata={"mesh": mesh_lib.describe(dict(mesh.shape)), "devices": mesh.devices.size,
@@ -196,12 +203,14 @@ def _log_start(cfg, mesh, program) -> None:
                  cfg.model.n_layers // (p.stages * p.repeats), p.microbatches, 100 * p.bubble)
 
 
-def _prepare_out_dir(out_dir: pathlib.Path | None, cfg) -> pathlib.Path | None:
+def _prepare_out_dir(out_dir: pathlib.Path | None, cfg, *, write_config: bool = True):
     if out_dir is None:
         return None
+    out_dir = pathlib.Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(config_lib.dump(cfg))
+        if write_config:
+            (out_dir / "config.yaml").write_text(config_lib.dump(cfg))
     except OSError as e:
         raise UsageError(f"cannot write to the run directory {out_dir}: {e.strerror}") from None
     return out_dir

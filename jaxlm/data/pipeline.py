@@ -120,7 +120,9 @@ class GlobalBatches:
 
     def _globalize(self, local: np.ndarray) -> jax.Array:
         shape = (self.source.global_batch, *local.shape[1:])
-        return jax.make_array_from_process_local_data(self.sharding, local, shape)
+        # an intended copy to the devices (the training loop forbids implicit ones)
+        with jax.transfer_guard_host_to_device("allow"):
+            return jax.make_array_from_process_local_data(self.sharding, local, shape)
 
     def get_state(self) -> dict:
         return {"position": self.position, "grain": self._iterator.get_state()}

@@ -30,6 +30,8 @@ def dataset(vocab_size: int) -> pathlib.Path:
     target = cache_dir() / name
     if (target / "manifest.json").exists():
         return target
+    # The lock lets one process build while the others wait (on one machine, or on a shared
+    # file system that honours flock, as Lustre and GPFS do when mounted with it).
     with _locked(cache_dir() / f"{name}.lock"):
         if not (target / "manifest.json").exists():  # another process may have built it
             log.info("building the default corpus (Python %s standard library, vocabulary %d) "

@@ -1,0 +1,21 @@
+# Sourced by the sbatch scripts in launch/ (not run on its own): start one jaxlm process per
+# Slurm task and requeue the job when training stopped early on request.
+#
+# Every task runs `python -m jaxlm.train "$@"`; jax.distributed finds the others from Slurm's
+# variables. --kill-on-bad-exit ends every task when one fails, instead of leaving the rest
+# waiting in a collective. When training exits with code 75 (SIGTERM from preemption, SIGUSR1
+# from `#SBATCH --signal=USR1@120` before the time limit, or train.time_limit), the checkpoint
+# of the step it finished is complete: the job is requeued, runs this same command again and
+# resumes from that checkpoint.
+
+PYTHON=${JAXLM_PYTHON:-python3}
+echo "jaxlm: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES} node(s), ${SLURM_NTASKS} task(s): $*"
+
+srun --kill-on-bad-exit=1 "$PYTHON" -u -m jaxlm.train "$@"
+status=$?
+
+if [ "$status" -eq 75 ]; then
+    echo "jaxlm: stopped early with a checkpoint; requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+fi
+exit "$status"

@@ -1,0 +1,77 @@
+"""A launch script under a real Slurm started by this test: two tasks train together, and a
+USR1 before the time limit leads to a requeued job that resumes from its checkpoint."""
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import pytest
+
+import slurm_cluster
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+why_not = slurm_cluster.available()
+pytestmark = pytest.mark.skipif(bool(why_not), reason=why_not)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def train_steps(out: pathlib.Path) -> list[int]:
+    try:
+        with open(out / "metrics.jsonl") as f:
+            return [json.loads(line)["step"] for line in f if '"loss"' in line]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def finished(job: dict) -> dict | None:
+    """The job's record once it has ended (not while pending, requeued or running)."""
+    ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+    return job if job.get("JobState") in ended else None
+
+
+def wait(predicate, what: str, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(what)
+
+
+def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_path):
+    out = tmp_path / "run"
+    env = {"JAXLM_PYTHON": sys.executable, "JAXLM_HOME": str(REPO), "JAX_NUM_CPU_DEVICES": "4",
+           "JAX_PLATFORMS": "cpu", "JAXLM_CACHE": os.environ["JAXLM_CACHE"]}
+    job = slurm.sbatch(
+        "--ntasks=2", "--ntasks-per-node=2", f"--output={tmp_path}/job.out",
+        "launch/cpu-cluster.sbatch",
+        "--config", "tiny", "--mesh", "dp=2,fsdp=2,tp=2", "--out", str(out),
+        "train.steps=60", "checkpoint.every=1000", "train.eval_every=0",
+        "distributed.heartbeat_timeout=20", "distributed.init_timeout=60",
+        env=env, cwd=REPO)
+    try:
+        wait(lambda: len(train_steps(out)) >= 8, "8 steps of the first run", 300)
+        slurm.signal(job, "USR1")  # as `#SBATCH --signal=USR1@120` does before the time limit
+        info = wait(lambda: finished(slurm.job(job)), "the requeued job to finish", 600)
+    finally:
+        slurm.cancel(job)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert int(info["Restarts"]) == 1
+    assert "requeueing job" in log
+    stopped = int(log.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
+    assert f"resumed from the checkpoint of step {stopped}" in log
+    assert train_steps(out) == list(range(1, 61))  # each step once: the rerun went on from there
+    for process in (0, 1):  # both tasks trained, each with its own log
+        text = (out / "logs" / f"process-{process}.log").read_text()
+        assert f"process {process} of 2" in text
