@@ -93,6 +93,7 @@ class TrainConfig:
     spike_window: int = 100  # recent steps the spike statistics are taken over
     eval_every: int = 50  # validation loss after step 1, every this many steps, and at the end
     eval_batches: int = 16  # held-out global batches per validation (fewer if the split is small)
+    peak_tflops: float | None = None  # per device, for MFU (None: by device kind; on CPU measured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,8 @@ class DebugConfig:
 class LogConfig:
     every: int = 10  # plain log lines (when not on a terminal) every this many steps
     tensorboard: bool = True
+    energy: bool = True  # sample device power (NVML, rocm-smi, RAPL) where it can be read
+    carbon_intensity: float | None = None  # kg CO2 per kWh of the site's electricity: logs co2_kg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +224,11 @@ def validate(cfg: Config) -> Config:
         raise UsageError(f"rotary positions need an even head dimension, not {m.dim_per_head}")
     if t.time_limit is not None:
         parse_duration(t.time_limit)
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise UsageError(f"train.peak_tflops must be positive, not {t.peak_tflops}")
+    if cfg.log.carbon_intensity is not None and cfg.log.carbon_intensity < 0:
+        raise UsageError(f"log.carbon_intensity must not be negative, not "
+                         f"{cfg.log.carbon_intensity}")
     if m.positions == "learned" and t.seq_len > m.max_seq_len:
         raise UsageError(
             f"train.seq_len={t.seq_len} is longer than the learned position table "

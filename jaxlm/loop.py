@@ -72,6 +72,7 @@ class Loop:
     stop: Any  # jaxlm.preemption.StopRequest
     metadata: dict  # saved with every checkpoint
     restore: Any  # () -> Restored | None: the newest intact checkpoint
+    accounting: Any = None  # jaxlm.accounting.StepAccounting: MFU and energy per row
 
     def run(self, state) -> Any:
         t = self.cfg.train
@@ -84,18 +85,26 @@ class Loop:
         vote = _StopVote(self.stop, mesh)
         step = int(jax.device_get(state.step))
         saved_step = step
-        pending, last_done, first, stop = None, time.perf_counter(), True, False
+        account = self.accounting
+        joules = account.joules if account else lambda: None
+
+        def mark():  # when a step's time (and energy) starts or ends
+            return time.perf_counter(), joules()
+
+        pending, last_done, first, stop = None, mark(), True, False
 
         def record(step, step_metrics, stop_vote, started):
             # Blocks until `step` is done, while the device already works on the next one.
             values, stop_agreed = jax.device_get((step_metrics, stop_vote))
-            now = time.perf_counter()
+            now = mark()
             row = {"step": step, **{k: float(v) for k, v in values.items()}}
             row["skipped"] = int(row["skipped"])
             row["skipped_steps"] = int(row["skipped_steps"])
-            row["step_time_s"] = now - started
+            row["step_time_s"] = now[0] - started[0]
             row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
             row["tokens_per_s_per_device"] = row["tokens_per_s"] / n_devices
+            if account:
+                account.annotate(row, None if now[1] is None else now[1] - started[1], now[1])
             if self.cfg.model.compute_dtype != "float16":
                 del row["loss_scale"]
             if self.program.stages.stages > 1:
@@ -116,7 +125,7 @@ class Loop:
                 step += 1
                 if first:  # the first call traced and compiled before it returned
                     log.info("compiled the train step in %.1f s", time.perf_counter() - dispatched)
-                    last_done, first = time.perf_counter(), False
+                    last_done, first = mark(), False
                 elif pending:
                     last_done, stop = record(*pending)
                 pending = (step, step_metrics, vote.cast(), last_done)
@@ -129,7 +138,7 @@ class Loop:
                 stop, pending = stop or stop_now, None
                 if bad.rollback_due and not stop:
                     state, step = self._roll_back(state, step, bad)
-                    last_done = time.perf_counter()
+                    last_done = mark()
                     continue
                 if self.evaluate.due(step):
                     self.write(self.evaluate(state, step), prefix="val")
@@ -146,7 +155,7 @@ class Loop:
                              if self.checkpoints else "nothing saved (no run directory)")
                     raise Preempted(f"stopped by {self.stop.reason or 'another process'} after "
                                     f"step {step}; {where}")
-                last_done = time.perf_counter()  # the next step's time excludes the above
+                last_done = mark()  # the next step's time and energy exclude the above
         if pending:
             record(*pending)
         return state

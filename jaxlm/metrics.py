@@ -26,6 +26,7 @@ class MetricsLog:
     def __init__(self, out_dir: pathlib.Path | None, *, resume_step: int = 0,
                  tensorboard: bool = True):
         self._file = self._writer = None
+        self.kept: list[dict] = []  # the rows of the steps before a resume
         if out_dir is None:
             return
         path = out_dir / "metrics.jsonl"
@@ -33,8 +34,10 @@ class MetricsLog:
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line)["step"] <= resume_step:
+                    row = json.loads(line)
+                    if row["step"] <= resume_step:
                         kept.append(line + "\n")
+                        self.kept.append(row)
                 except (ValueError, KeyError):
                     pass  # a line cut short by a kill
         tmp = path.with_name(path.name + ".tmp")

@@ -222,3 +222,21 @@ def make_train_step(cfg: Config, tx, loss_sums, accumulation: int, param_shardin
 def _eval(loss_sums, state: TrainState, batch: Batch) -> dict:
     ce_sum, n_tokens = loss_sums(state.params, batch)
     return {"loss_sum": ce_sum, "tokens": n_tokens}
+
+
+def abstract_step_inputs(cfg: Config, program: Program):
+    """(state, batch, loss_limit) as shapes with their shardings, for compiling the train step
+    ahead of time (`program.train_step.lower(*inputs).compile()`) without allocating anything."""
+    state = jax.eval_shape(program.init, jax.random.key(0))
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         state, program.state_shardings)
+    rows = (cfg.train.global_batch_size, cfg.train.seq_len)
+    keys = ["inputs", "targets", "weights"]
+    if cfg.data.source != "synthetic" and not cfg.data.cross_document_attention:
+        keys += ["positions", "segments"]  # packed documents, as the data pipeline gives them
+    batch = {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "weights" else jnp.int32,
+                                     sharding=program.batch_sharding) for k in keys}
+    limit = jax.ShapeDtypeStruct((), jnp.float32,
+                                 sharding=NamedSharding(program.batch_sharding.mesh,
+                                                        PartitionSpec()))
+    return state, batch, limit

@@ -118,6 +118,7 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
     rows = []
     metrics_log = metrics.MetricsLog(out_dir if main else None, resume_step=start,
                                      tensorboard=cfg.log.tensorboard)
+    step_accounting = _accounting(cfg, program, metrics_log.kept)
 
     def write(row, prefix="train"):
         rows.append(row)
@@ -133,12 +134,14 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
         metadata={"mesh": mesh_lib.describe(dict(mesh.shape)), "devices": mesh.devices.size,
                   "param_shapes": shapes, "seed": cfg.train.seed, "data": cfg.data.source},
         restore=restore,
+        accounting=step_accounting,
     )
     try:
         with loop.stop:
             loop.run(state)
     finally:
         loop.progress.close()
+        step_accounting.close()
         metrics_log.close()
         if checkpoints:
             checkpoints.close()
@@ -179,6 +182,32 @@ class Evaluator:
         loss = loss_sum / tokens
         log.info("step %d | validation loss %.4f | perplexity %.1f", step, loss, math.exp(loss))
         return {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _accounting(cfg, program, previous_rows):
+    """MFU against the devices' peak, and energy where a meter can read it (jaxlm/accounting)."""
+    import jax
+
+    from jaxlm import accounting, energy, flops, hardware
+
+    counts = flops.params_by_component(program.spec.shapes)
+    per_token = flops.model_flops_per_token(cfg.model, cfg.train.seq_len, counts)
+    peak, source = hardware.peak_tflops(cfg.train.peak_tflops, cfg.model.compute_dtype)
+    if peak:
+        log.info("MFU against %.4g TFLOP/s per device (%s); model FLOPs per token %.4g "
+                 "(6N + causal attention, jaxlm/flops.py)", peak, source, per_token)
+    else:
+        log.info("no MFU: %s", source)
+    meter, why = energy.open_meter(jax.local_devices()) if cfg.log.energy \
+        else (None, "log.energy=false")
+    if meter:
+        log.info("energy from %s%s", meter.source,
+                 f", x {jax.process_count()} processes" if jax.process_count() > 1 else "")
+    else:
+        log.info("energy not measured: %s", why)
+    kwh, tokens = accounting.resume_totals(previous_rows)
+    return accounting.StepAccounting(per_token, peak, meter, jax.process_count(),
+                                     cfg.log.carbon_intensity, kwh, tokens)
 
 
 def _log_start(cfg, mesh, program) -> None:
