@@ -124,6 +124,12 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    # XLA flag preset applied before JAX starts (jaxlm/backend.py); flags already in XLA_FLAGS win
+    xla_flags: Literal["auto", "cuda", "rocm", "cpu", "none"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
 class DebugConfig:
     """Test hooks: ways to make a run fail on purpose."""
 
@@ -147,6 +153,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     log: LogConfig = LogConfig()
+    backend: BackendConfig = BackendConfig()
     debug: DebugConfig = DebugConfig()
     mesh: str = "dp=-1"  # a mesh spec ("dp=2,tp=4") or the name of a preset in meshes/
 

@@ -52,6 +52,9 @@ def main(argv=None) -> int:
         cfg = config_lib.load(args.config, overrides)
         if args.cpu_devices:
             os.environ["JAX_NUM_CPU_DEVICES"] = str(args.cpu_devices)
+        from jaxlm import backend
+
+        backend.apply(cfg.backend.xla_flags)
         # JAX is imported only now, once the config is known to be sound.
         from jaxlm import distributed
         from jaxlm import mesh as mesh_lib

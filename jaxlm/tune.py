@@ -179,9 +179,9 @@ def compiled_seconds(step, sizes: dict[str, int], device, per_node: int) -> floa
     return step.flops_per_device / (device.peak_tflops * 1e12) + communication
 
 
-def measured_seconds(c, program, compiled, steps: int) -> float:
-    """Seconds per step of `steps` timed steps of the compiled step on synthetic data, after one
-    warm-up step."""
+def measured_seconds(c, program, compiled, steps: int, warmup: int = 1) -> float:
+    """Seconds per step of `steps` timed steps of the compiled step on synthetic data, after
+    `warmup` untimed ones; the host waits only at the end, as the training loop does."""
     import jax
     import numpy as np
 
@@ -190,7 +190,8 @@ def measured_seconds(c, program, compiled, steps: int) -> float:
     batches = data.make_batches(c, program.batch_sharding)
     state = program.init(jax.random.key(0))
     limit = jax.device_put(np.float32(np.inf), program.state_shardings.step)
-    state, metrics = compiled(state, next(batches), limit)
+    for _ in range(warmup):
+        state, metrics = compiled(state, next(batches), limit)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
