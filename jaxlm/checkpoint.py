@@ -90,7 +90,13 @@ class Checkpoints:
         for step in reversed(self.steps()):
             problem = self._incomplete(step)
             if not problem:
-                check_same_model(self._read_json(step, "metadata"), shapes, self.directory)
+                metadata = self._read_json(step, "metadata")
+                check_same_model(metadata, shapes, self.directory)
+                if metadata.get("params_only"):
+                    raise UsageError(
+                        f"{self.directory} holds converted parameters, not a training state: "
+                        f"train from them into a new run directory with "
+                        f"checkpoint.init_from={self.directory.parent}")
                 try:
                     restored = self._manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))

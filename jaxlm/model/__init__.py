@@ -9,9 +9,11 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.model.layers import CACHE_AXES, LayerCache
 from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.model.transformer import Transformer
 from jaxlm.sharding import ActivationSharding
@@ -48,9 +50,21 @@ def apply(graphdef, params: Params, tokens_BxL, positions_BxL=None, segments_BxL
     return nnx.merge(graphdef, params)(tokens_BxL, positions_BxL, segments_BxL)
 
 
+def decode(graphdef, params: Params, tokens_BxT, cache: LayerCache, start):
+    """(logits [B, T, V], cache): T tokens at positions start.. over a key/value cache."""
+    return nnx.merge(graphdef, params).decode(tokens_BxT, cache, start)
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> LayerCache:
+    """The key/value cache of `batch` sequences of up to `length` tokens, in the compute dtype;
+    its dimensions are named by CACHE_AXES."""
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    return LayerCache(*[jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.compute_dtype))] * 2)
+
+
 def param_count(shapes: Params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
-__all__ = ["ModelSpec", "Params", "PipelineSpec", "Transformer", "apply", "build", "describe",
-           "param_count"]
+__all__ = ["CACHE_AXES", "LayerCache", "ModelSpec", "Params", "PipelineSpec", "Transformer",
+           "apply", "build", "cache_shapes", "decode", "describe", "param_count"]

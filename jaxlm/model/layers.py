@@ -8,6 +8,7 @@ an einsum. Parameters are float32 and carry logical axis names (see jaxlm/shardi
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,34 @@ class Attention(nnx.Module):
         self.shard = shard
 
     def __call__(self, x_BxLxD, rotary, mask_Bx1xLxL):
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary)
+        implementation = attention_implementation(self.implementation, x_BxLxD.dtype)
+        out_BxLxNxH = self.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, is_causal=True,
+                                  implementation=implementation)
+        return self.output(out_BxLxNxH)
+
+    def decode(self, x_BxTxD, rotary, cache: "LayerCache", start):
+        """Attention of T new tokens at positions start .. start+T-1 over the cache, whose first
+        `start` entries hold the keys and values of the tokens before them. Returns the output
+        and the cache with the new tokens' keys and values written in."""
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.project(x_BxTxD, rotary)
+        names = ("batch", "length", "kv_heads", "head_dim")
+        k_BxSxKxH, v_BxSxKxH = (
+            self.shard(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1),
+                       names)
+            for c, new in ((cache.k, k_BxTxKxH), (cache.v, v_BxTxKxH)))
+        T, S = x_BxTxD.shape[1], k_BxSxKxH.shape[1]
+        # Query t (at position start + t) sees cache entries 0 .. start + t: the earlier tokens
+        # and itself; the entries not yet written lie beyond and are masked out.
+        mask_TxS = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
+        # XLA's attention: the mask is not the square causal one cuDNN's fused kernel takes,
+        # and a one-token query gains nothing from a flash kernel.
+        out_BxTxNxH = self.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_TxS[None, None],
+                                  is_causal=False, implementation="xla")
+        return self.output(out_BxTxNxH), LayerCache(k_BxSxKxH, v_BxSxKxH)
+
+    def project(self, x_BxLxD, rotary):
+        """Queries, keys and values, biased and rotated, in the layout of the sharding table."""
         dtype = x_BxLxD.dtype
         q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.q_proj[...].astype(dtype))
         k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.k_proj[...].astype(dtype))
@@ -107,23 +136,40 @@ class Attention(nnx.Module):
         q_BxLxNxH = self.shard(q_BxLxNxH, ("batch", "length", "heads", "head_dim"))
         k_BxLxKxH = self.shard(k_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
         v_BxLxKxH = self.shard(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
-        implementation = attention_implementation(self.implementation, dtype)
+        return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
+
+    @staticmethod
+    def attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask, *, is_causal: bool, implementation: str):
+        dtype = q_BxLxNxH.dtype
         if dtype == jnp.float16 and jax.devices()[0].platform == "cpu":
             # XLA:CPU has no float16 dot with float32 accumulation, which the XLA attention
             # path asks for in float16; attend in float32 there (CPU runs are for trying).
-            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = (
-                t.astype(jnp.float32) for t in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
+            q_BxLxNxH, k_BxSxKxH, v_BxSxKxH = (
+                t.astype(jnp.float32) for t in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH)
             )
-        out_BxLxNxH = jax.nn.dot_product_attention(
-            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL, is_causal=True,
+        return jax.nn.dot_product_attention(
+            q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=is_causal,
             implementation=implementation,
         ).astype(dtype)
+
+    def output(self, out_BxLxNxH):
+        dtype = out_BxLxNxH.dtype
         # Row-parallel under tensor parallelism: each device holds whole heads, the sum over
         # heads becomes one all-reduce (or reduce-scatter) of [B, L, D].
         y_BxLxD = jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.o_proj[...].astype(dtype))
         if self.use_bias:
             y_BxLxD += self.o_bias[...].astype(dtype)
         return y_BxLxD
+
+
+class LayerCache(NamedTuple):
+    """One layer's keys and values [B, S, K, H] (stacked over layers: [L, B, S, K, H])."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 def attention_implementation(choice: str, dtype) -> str:

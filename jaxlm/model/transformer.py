@@ -9,6 +9,9 @@ Deviations from the vanilla (GPT-2) transformer, each chosen by a ModelConfig fi
 - output projections initialised with std / sqrt(2 * n_layers) (GPT-2, Megatron);
 - no dropout: pretraining on deduplicated data at this scale does not use it.
 
+`decode` runs the same blocks for generation over a key/value cache (prefill, then one token
+at a time); training never touches it.
+
 The blocks are created once with a leading "layers" axis (`nnx.vmap`) and applied with
 `jax.lax.scan`, so compile time does not grow with depth, and the stacked weights are one array
 per role that the pipeline issue can split into stages. Activation recomputation wraps one layer.
@@ -22,7 +25,8 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model import pipeline
-from jaxlm.model.layers import MLP, Attention, Norm, Shard, normal, param, rotary_tables
+from jaxlm.model.layers import (MLP, Attention, LayerCache, Norm, Shard, normal, param,
+                                rotary_tables)
 from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.sharding import ActivationSharding
 
@@ -47,6 +51,12 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rotary, mask)
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
         return self.shard(x_BxLxD, ("batch", "length", "act_embed"))
+
+    def decode(self, x_BxTxD, rotary, cache: LayerCache, start):
+        y_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), rotary, cache, start)
+        x_BxTxD = x_BxTxD + y_BxTxD
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return self.shard(x_BxTxD, ("batch", "length", "act_embed")), cache
 
 
 class Transformer(nnx.Module):
@@ -98,7 +108,6 @@ class Transformer(nnx.Module):
 
     def forward_embedded(self, x_BxLxD, positions_BxL, segments_BxL=None):
         """The rest of the forward pass after the embedding lookup (differentiable in x)."""
-        cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
         if self.stages.stages > 1:
             x_BxLxD = pipeline.run(functools.partial(self._run_layers, graphdef), stacked,
@@ -109,13 +118,42 @@ class Transformer(nnx.Module):
                 x_BxLxD = self.shard(x_BxLxD, names)
         else:
             x_BxLxD = self._run_layers(graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL)
+        return self.head(x_BxLxD)
+
+    def head(self, x_BxLxD):
+        """The final norm and the output projection: logits [B, L, V]."""
         x_BxLxD = self.final_norm(x_BxLxD)
         dtype = x_BxLxD.dtype
-        if cfg.tie_embeddings:
+        if self.cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, self.embedding[...].astype(dtype))
         else:
             logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.lm_head[...].astype(dtype))
         return self.shard(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def decode(self, tokens_BxT, cache: LayerCache, start):
+        """Logits [B, T, V] of T tokens at positions start .. start+T-1 given the cache of the
+        `start` tokens before them, and the cache with these tokens added.
+
+        Prefill is one call with the whole prompt at start 0, then each sampled token is one
+        call with T = 1. The cache holds [L, B, S, K, H] keys and values in the compute dtype
+        (see `cache_shapes`); positions past `start + T` are ignored, so S is the longest
+        sequence the cache can hold. Layers run in one scan, without a pipeline.
+        """
+        positions_BxT = jnp.broadcast_to(start + jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        x_BxTxD = self.embed(tokens_BxT, positions_BxT)
+        rotary = None
+        if self.cfg.positions == "rope":
+            rotary = rotary_tables(positions_BxT, self.cfg.dim_per_head, self.cfg.rope_theta)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(x_BxTxD, layer):
+            layer_params, layer_cache = layer
+            x_BxTxD, layer_cache = nnx.merge(graphdef, layer_params).decode(
+                x_BxTxD, rotary, layer_cache, start)
+            return x_BxTxD, layer_cache
+
+        x_BxTxD, cache = jax.lax.scan(one_layer, x_BxTxD, (stacked, cache))
+        return self.head(x_BxTxD), cache
 
     def _run_layers(self, graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL):
         """Scan blocks over the leading axis of `stacked`, one layer's weights at a time."""

@@ -1,0 +1,66 @@
+"""`python -m jaxlm.convert`: Hugging Face checkpoints in and out.
+
+    python -m jaxlm.convert from-hf HF_DIR --out RUN_DIR [--mesh SPEC]
+    python -m jaxlm.convert to-hf RUN_DIR --out HF_DIR [--step N] [--mesh SPEC] [--dtype D]
+
+from-hf reads a LlamaForCausalLM or GPT2LMHeadModel directory (config.json and .safetensors)
+and writes a run directory whose checkpoint restores on any mesh: generate from it with
+`python -m jaxlm.generate --run RUN_DIR`, evaluate it with `python -m jaxlm.eval`, fine-tune
+it with `python -m jaxlm.train checkpoint.init_from=RUN_DIR`. to-hf writes config.json, the
+weights and the SentencePiece tokenizer, for `AutoModelForCausalLM.from_pretrained(HF_DIR)`.
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+
+from jaxlm.cli import run_command
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m jaxlm.convert",
+                                description=__doc__.split("\n")[0])
+    commands = p.add_subparsers(dest="command", required=True)
+    mesh_help = ("where the parameters live while they are converted: a mesh spec or preset "
+                 "(default fsdp=-1, split over all devices)")
+
+    into = commands.add_parser("from-hf", help="a Hugging Face directory -> a jaxlm run")
+    into.add_argument("hf_dir", type=pathlib.Path, metavar="HF_DIR")
+    into.add_argument("--out", type=pathlib.Path, required=True, metavar="RUN_DIR")
+    into.add_argument("--mesh", default="fsdp=-1", help=mesh_help)
+
+    out = commands.add_parser("to-hf", help="a jaxlm run -> a Hugging Face directory")
+    out.add_argument("run_dir", type=pathlib.Path, metavar="RUN_DIR")
+    out.add_argument("--out", type=pathlib.Path, required=True, metavar="HF_DIR")
+    out.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
+    out.add_argument("--mesh", default="fsdp=-1", help=mesh_help)
+    out.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="dtype of the written weights (default float32, as trained)")
+    for sub in (into, out):
+        sub.add_argument("--cpu-devices", type=int,
+                         help="on CPU, pretend to have this many devices")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def body():
+        if args.cpu_devices:
+            os.environ["JAX_NUM_CPU_DEVICES"] = str(args.cpu_devices)
+        if args.command == "from-hf":
+            from jaxlm.convert import from_hf
+
+            from_hf.convert(args.hf_dir, args.out, args.mesh)
+        else:
+            from jaxlm.convert import to_hf
+
+            to_hf.convert(args.run_dir, args.out, step=args.step, mesh_spec=args.mesh,
+                          dtype=args.dtype)
+
+    return run_command(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
