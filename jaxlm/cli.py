@@ -1,6 +1,8 @@
 """What every `python -m jaxlm.*` command shares at its edge: log lines and the exit-2 rule."""
 
 import logging
+import os
+import pathlib
 import sys
 from collections.abc import Callable
 
@@ -30,8 +32,22 @@ def run_command(body: Callable[[], object]) -> int:
         return EXIT_USAGE
     except Preempted as e:
         log.info("%s", e)
+        _mark_stopped()
         return EXIT_PREEMPTED
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _mark_stopped() -> None:
+    """Create the file JAXLM_STOP_MARKER names, if set: a launcher's way to learn that the run
+    stopped with a complete checkpoint when the exit code is lost (under
+    `srun --kill-on-bad-exit` the first task to exit 75 gets its peers killed, and srun then
+    reports their signal, not 75)."""
+    marker = os.environ.get("JAXLM_STOP_MARKER")
+    if marker:
+        try:
+            pathlib.Path(marker).touch()
+        except OSError as e:
+            log.warning("could not create JAXLM_STOP_MARKER %s: %s", marker, e)

@@ -11,8 +11,17 @@
 PYTHON=${JAXLM_PYTHON:-python3}
 echo "jaxlm: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES} node(s), ${SLURM_NTASKS} task(s): $*"
 
+# A task that stops with a checkpoint creates this file (on the shared submit directory) before
+# it exits 75; srun may then report the signal of the peers it killed instead of 75.
+export JAXLM_STOP_MARKER="${SLURM_SUBMIT_DIR:-.}/.jaxlm-stopped-${SLURM_JOB_ID}"
+rm -f "$JAXLM_STOP_MARKER"  # a requeued job keeps its id
+
 srun --kill-on-bad-exit=1 "$PYTHON" -u -m jaxlm.train "$@"
 status=$?
+if [ -e "$JAXLM_STOP_MARKER" ]; then
+    status=75
+    rm -f "$JAXLM_STOP_MARKER"
+fi
 
 if [ "$status" -eq 75 ]; then
     echo "jaxlm: stopped early with a checkpoint; requeueing job ${SLURM_JOB_ID}"

@@ -62,3 +62,23 @@ def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, sentence):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and sentence in errors[0], result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any training
+
+
+def test_a_stop_with_a_checkpoint_creates_the_launchers_marker(tmp_path, monkeypatch):
+    """srun --kill-on-bad-exit may report a killed peer's signal instead of 75: the marker file
+    tells launch/slurm-run.sh that the run stopped with a checkpoint and should be requeued."""
+    from jaxlm.cli import run_command
+    from jaxlm.errors import EXIT_PREEMPTED, Preempted, UsageError
+
+    marker = tmp_path / "stopped"
+    monkeypatch.setenv("JAXLM_STOP_MARKER", str(marker))
+
+    def usage():
+        raise UsageError("a mistake")
+
+    assert run_command(usage) == 2 and not marker.exists()
+
+    def preempted():
+        raise Preempted("stopped by SIGUSR1")
+
+    assert run_command(preempted) == EXIT_PREEMPTED and marker.exists()
