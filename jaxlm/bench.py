@@ -65,6 +65,7 @@ def benchmark(cfg, mesh, *, steps: int, warmup: int, name: str, command: str) ->
     import jax
 
     from jaxlm import flops, hardware, plan, tune
+    from jaxlm.model import param_count
     from jaxlm.step import build_program
 
     program = build_program(cfg, mesh)
@@ -72,8 +73,7 @@ def benchmark(cfg, mesh, *, steps: int, warmup: int, name: str, command: str) ->
     seconds = tune.measured_seconds(cfg, program, compiled.executable, steps, warmup)
     n = mesh.devices.size
     tokens_per_s_per_device = cfg.train.global_batch_size * cfg.train.seq_len / seconds / n
-    counts = flops.params_by_component(program.spec.shapes)
-    per_token = flops.model_flops_per_token(cfg.model, cfg.train.seq_len, counts)
+    per_token = flops.model_flops_per_token_of(cfg, program.spec.shapes)
     peak, source = hardware.peak_tflops(cfg.train.peak_tflops, cfg.model.compute_dtype)
     tflops = per_token * tokens_per_s_per_device / 1e12
     return {
@@ -81,7 +81,7 @@ def benchmark(cfg, mesh, *, steps: int, warmup: int, name: str, command: str) ->
         "mesh": config_lib.to_dict(cfg)["mesh"], "seq_len": cfg.train.seq_len,
         "global_batch_size": cfg.train.global_batch_size, "micro_batch": program.micro_batch,
         "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
-        "attention": cfg.model.attention, "params": counts["total"],
+        "attention": cfg.model.attention, "params": param_count(program.spec.shapes),
         "model_flops_per_token": per_token, "step_s": seconds,
         "tokens_per_s_per_device": tokens_per_s_per_device, "tflops_per_device": tflops,
         "peak_tflops": peak, "peak_source": source, "mfu": tflops / peak if peak else None,

@@ -78,9 +78,11 @@ class SampledMeter:
                 return
 
     def joules(self) -> float:
-        self._sample()
+        """Joules so far: the integral up to the last sample, extended at its power to now.
+        Reads nothing (a reading may be a subprocess): the training loop calls this every step."""
         with self._lock:
-            return self._joules
+            then, watts = self._last
+            return self._joules + (time.monotonic() - then) * watts
 
     def close(self) -> None:
         self._stop.set()

@@ -65,6 +65,12 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, counts: dict[str, int]
     return 6 * matmul_params(cfg, counts) + 3 * attention_flops_per_token(cfg, seq_len)
 
 
+def model_flops_per_token_of(cfg, shapes) -> float:
+    """Model FLOPs per token of a run config (`jaxlm.config.Config`) whose parameters have
+    `shapes`, at its training sequence length."""
+    return model_flops_per_token(cfg.model, cfg.train.seq_len, params_by_component(shapes))
+
+
 def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, counts: dict[str, int]) -> float:
     """Model FLOPs plus the forward work that activation recomputation runs a second time."""
     extra = 0.0

@@ -227,9 +227,10 @@ def _eval(loss_sums, state: TrainState, batch: Batch) -> dict:
 def abstract_step_inputs(cfg: Config, program: Program):
     """(state, batch, loss_limit) as shapes with their shardings, for compiling the train step
     ahead of time (`program.train_step.lower(*inputs).compile()`) without allocating anything."""
-    state = jax.eval_shape(program.init, jax.random.key(0))
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         state, program.state_shardings)
+    from jaxlm.checkpoint import abstract_target  # orbax: loaded only where compiled ahead
+
+    state = abstract_target(jax.eval_shape(program.init, jax.random.key(0)),
+                            program.state_shardings)
     rows = (cfg.train.global_batch_size, cfg.train.seq_len)
     keys = ["inputs", "targets", "weights"]
     if cfg.data.source != "synthetic" and not cfg.data.cross_document_attention:

@@ -193,8 +193,7 @@ def _accounting(cfg, program, previous_rows):
 
     from jaxlm import accounting, energy, flops, hardware
 
-    counts = flops.params_by_component(program.spec.shapes)
-    per_token = flops.model_flops_per_token(cfg.model, cfg.train.seq_len, counts)
+    per_token = flops.model_flops_per_token_of(cfg, program.spec.shapes)
     peak, source = hardware.peak_tflops(cfg.train.peak_tflops, cfg.model.compute_dtype)
     if peak:
         log.info("MFU against %.4g TFLOP/s per device (%s); model FLOPs per token %.4g "

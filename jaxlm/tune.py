@@ -256,8 +256,7 @@ def search(cfg, device_list, *, device, per_node: int, memory_gb: float, max_tri
         if row["fits"]:
             seconds = (measured_seconds(c, program, step.executable, steps) if measure
                        else compiled_seconds(step, layout.sizes, device, per_node))
-            counts = flops.params_by_component(program.spec.shapes)
-            per_token = flops.model_flops_per_token(c.model, c.train.seq_len, counts)
+            per_token = flops.model_flops_per_token_of(c, program.spec.shapes)
             tokens = c.train.global_batch_size * c.train.seq_len
             row.update(step_s=seconds, tokens_per_s_per_device=tokens / seconds / n)
             row["mfu"] = flops.mfu(per_token, row["tokens_per_s_per_device"], device.peak_tflops)
