@@ -19,7 +19,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import train
-from jaxlm.step import build_program
+from jaxlm.step import abstract_step_inputs, build_program
 
 THROUGHPUT_RUNS = {
     "tiny": ["train.global_batch_size=16", "train.seq_len=32"],
@@ -42,18 +42,12 @@ def throughput(preset: str, overrides: list[str], steps: int, mesh) -> dict:
 
 def compile_seconds(preset: str, n_layers: int, mesh) -> float:
     """Trace, lower and compile the train step against abstract inputs (nothing allocated)."""
-    cfg = config_lib.load(preset, [f"model.n_layers={n_layers}", "train.global_batch_size=1"])
+    cfg = config_lib.load(preset, [f"model.n_layers={n_layers}", "train.global_batch_size=1",
+                                   "data.source=synthetic"])
     program = build_program(cfg, mesh)
-    state = jax.eval_shape(program.init, jax.random.key(0))
-    shape = (cfg.train.global_batch_size, cfg.train.seq_len)
-    batch = {
-        "inputs": jax.ShapeDtypeStruct(shape, "int32"),
-        "targets": jax.ShapeDtypeStruct(shape, "int32"),
-        "weights": jax.ShapeDtypeStruct(shape, "float32"),
-    }
-    limit = jax.ShapeDtypeStruct((), "float32")
+    inputs = abstract_step_inputs(cfg, program)
     start = time.perf_counter()
-    program.train_step.lower(state, batch, limit).compile()
+    program.train_step.lower(*inputs).compile()
     return time.perf_counter() - start
 
 

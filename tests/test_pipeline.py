@@ -12,7 +12,7 @@ from jaxlm import mesh as mesh_lib
 from jaxlm import train
 from jaxlm.errors import UsageError
 from jaxlm.model.pipeline import PipelineSpec
-from jaxlm.step import build_program, make_loss_fn
+from jaxlm.step import abstract_step_inputs, build_program, make_loss_fn
 
 FOUR_LAYERS = ("model.n_layers=4", "train.steps=4", "train.eval_every=0")
 LAYOUTS = [
@@ -90,12 +90,8 @@ def test_each_stage_holds_only_its_share_of_the_layer_stack(tiny_cfg):
 
 def compiled_train_step(cfg, m):
     program = build_program(cfg, m)
-    state = jax.eval_shape(program.init, jax.random.key(0))
-    shape = (cfg.train.global_batch_size, cfg.train.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, "float32" if k == "weights" else "int32")
-             for k in ("inputs", "targets", "weights")}
-    limit = jax.ShapeDtypeStruct((), "float32")
-    return program, program.train_step.lower(state, batch, limit).compile().as_text()
+    inputs = abstract_step_inputs(cfg, program)
+    return program, program.train_step.lower(*inputs).compile().as_text()
 
 
 def stacked_weight_gathers(program, hlo: str, repeats: bool) -> list[str]:
