@@ -56,6 +56,4 @@ class StepAccounting:
 def resume_totals(rows: list[dict]) -> tuple[float, float]:
     """(kWh, tokens) of the steps before a resume, from the metrics rows kept for them."""
     kwh = next((r["energy_kwh"] for r in reversed(rows) if "energy_kwh" in r), 0.0)
-    if not kwh:
-        return 0.0, 0.0
-    return kwh, next(r["tokens_per_kwh"] * kwh for r in reversed(rows) if "tokens_per_kwh" in r)
+    return kwh, sum(r["tokens"] for r in rows if "energy_kwh" in r)

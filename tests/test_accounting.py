@@ -170,3 +170,13 @@ def test_gpus_without_pynvml_are_sampled_through_nvidia_smi(tmp_path, monkeypatc
 def test_bad_accounting_settings_exit_2():
     assert train.main(["--config", "tiny", "train.peak_tflops=0"]) == 2
     assert train.main(["--config", "tiny", "log.carbon_intensity=-1"]) == 2
+
+
+def test_a_resumed_run_carries_its_energy_and_tokens_on():
+    from jaxlm.accounting import resume_totals
+
+    kept = [{"step": 1, "tokens": 10.0, "energy_kwh": 1.0},
+            {"step": 1, "val_loss": 3.0},
+            {"step": 2, "tokens": 10.0, "energy_kwh": 2.5}]
+    assert resume_totals(kept) == (2.5, 20.0)
+    assert resume_totals([{"step": 1, "tokens": 10.0}]) == (0.0, 0)  # measured nothing before
