@@ -24,11 +24,18 @@ from jaxlm import train
 
 
 def wall_time(steps: int, every: int, seq_len: int, mesh) -> float:
-    cfg = config_lib.load("gpt-124m", [
-        "data.source=synthetic", "train.global_batch_size=1", f"train.seq_len={seq_len}",
-        f"train.steps={steps}", f"checkpoint.every={every}", "train.eval_every=0",
-        "log.tensorboard=false",
-    ])
+    cfg = config_lib.load(
+        "gpt-124m",
+        [
+            "data.source=synthetic",
+            "train.global_batch_size=1",
+            f"train.seq_len={seq_len}",
+            f"train.steps={steps}",
+            f"checkpoint.every={every}",
+            "train.eval_every=0",
+            "log.tensorboard=false",
+        ],
+    )
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         train.run(cfg, mesh, out_dir=pathlib.Path(out))
@@ -48,13 +55,24 @@ def main():
     saving = wall_time(args.steps, 10, args.seq_len, mesh)
     step_s = (plain - fixed) / (args.steps - 1)
     overhead = (saving - plain) / (plain - fixed)
-    print(f"gpt-124m, {args.seq_len} tokens/step: {step_s:.2f} s/step; {args.steps} steps take "
-          f"{plain:.1f} s with a checkpoint only at the end, {saving:.1f} s with one every 10 "
-          f"steps: overhead {100 * overhead:.1f} % of step time (aim <= 10 %)")
+    print(
+        f"gpt-124m, {args.seq_len} tokens/step: {step_s:.2f} s/step; {args.steps} steps take "
+        f"{plain:.1f} s with a checkpoint only at the end, {saving:.1f} s with one every 10 "
+        f"steps: overhead {100 * overhead:.1f} % of step time (aim <= 10 %)"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"fixed_s": fixed, "plain_s": plain, "every_10_s": saving,
-                       "step_s": step_s, "overhead": overhead}, f, indent=2)
+            json.dump(
+                {
+                    "fixed_s": fixed,
+                    "plain_s": plain,
+                    "every_10_s": saving,
+                    "step_s": step_s,
+                    "overhead": overhead,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

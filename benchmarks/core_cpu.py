@@ -42,8 +42,9 @@ def throughput(preset: str, overrides: list[str], steps: int, mesh) -> dict:
 
 def compile_seconds(preset: str, n_layers: int, mesh) -> float:
     """Trace, lower and compile the train step against abstract inputs (nothing allocated)."""
-    cfg = config_lib.load(preset, [f"model.n_layers={n_layers}", "train.global_batch_size=1",
-                                   "data.source=synthetic"])
+    cfg = config_lib.load(
+        preset, [f"model.n_layers={n_layers}", "train.global_batch_size=1", "data.source=synthetic"]
+    )
     program = build_program(cfg, mesh)
     inputs = abstract_step_inputs(cfg, program)
     start = time.perf_counter()
@@ -63,13 +64,17 @@ def main():
     for preset, overrides in THROUGHPUT_RUNS.items():
         row = throughput(preset, overrides, args.steps, mesh)
         results["throughput"].append(row)
-        print(f"{preset:<10} {row['tokens_per_step']:>12} {row['step_time_s']:>9.3f} "
-              f"{row['tokens_per_s']:>10,.0f}")
+        print(
+            f"{preset:<10} {row['tokens_per_step']:>12} {row['step_time_s']:>9.3f} "
+            f"{row['tokens_per_s']:>10,.0f}"
+        )
 
     shallow, deep = (compile_seconds("gpt-124m", n, mesh) for n in (2, 24))
     results["compile_s"] = {"layers_2": shallow, "layers_24": deep, "ratio": deep / shallow}
-    print(f"compile gpt-124m train step: 2 layers {shallow:.1f} s, 24 layers {deep:.1f} s, "
-          f"ratio {deep / shallow:.2f} (target < 1.5)")
+    print(
+        f"compile gpt-124m train step: 2 layers {shallow:.1f} s, 24 layers {deep:.1f} s, "
+        f"ratio {deep / shallow:.2f} (target < 1.5)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -21,9 +21,8 @@ import time
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm import data
+from jaxlm import data, train
 from jaxlm import mesh as mesh_lib
-from jaxlm import train
 from jaxlm.data import corpus, prepare, tokenizer
 from jaxlm.data.pipeline import PackedBatches
 from jaxlm.data.shards import PreparedSplit
@@ -40,21 +39,32 @@ def prepare_throughput(vocab_size: int, workdir: str) -> dict:
     start = time.perf_counter()
     manifest = prepare.prepare(inputs, model, f"{workdir}/data", val_fraction=0.01)
     seconds = time.perf_counter() - start
-    return {"input_mb": inputs.total_bytes / 1e6, "tokenizer_s": tokenizer_s,
-            "prepare_s": seconds, "prepare_mb_per_s": inputs.total_bytes / 1e6 / seconds,
-            "tokens": manifest["tokens"]["train"]}
+    return {
+        "input_mb": inputs.total_bytes / 1e6,
+        "tokenizer_s": tokenizer_s,
+        "prepare_s": seconds,
+        "prepare_mb_per_s": inputs.total_bytes / 1e6 / seconds,
+        "tokens": manifest["tokens"]["train"],
+    }
 
 
 def loader_throughput(directory: str, batches: int, mesh) -> dict:
-    source = PackedBatches(PreparedSplit(directory, "train"), seq_len=SEQ_LEN,
-                           global_batch=BATCH, seed=0)
+    source = PackedBatches(
+        PreparedSplit(directory, "train"), seq_len=SEQ_LEN, global_batch=BATCH, seed=0
+    )
     start = time.perf_counter()
     for i in range(batches):
         source[i]
     raw = batches * BATCH * SEQ_LEN / (time.perf_counter() - start)
 
-    cfg = config_lib.load("gpt-124m", [f"data.source={directory}", f"train.seq_len={SEQ_LEN}",
-                                       f"train.global_batch_size={BATCH}"])
+    cfg = config_lib.load(
+        "gpt-124m",
+        [
+            f"data.source={directory}",
+            f"train.seq_len={SEQ_LEN}",
+            f"train.global_batch_size={BATCH}",
+        ],
+    )
     pipeline = data.make_batches(cfg, batch_sharding(mesh))
     next(pipeline)
     start = time.perf_counter()
@@ -65,9 +75,16 @@ def loader_throughput(directory: str, batches: int, mesh) -> dict:
 
 
 def train_throughput(directory: str, mesh, steps: int = 4) -> float:
-    cfg = config_lib.load("gpt-124m", [f"data.source={directory}", "train.global_batch_size=1",
-                                       f"train.seq_len={SEQ_LEN}", f"train.steps={steps}",
-                                       "train.eval_every=0"])
+    cfg = config_lib.load(
+        "gpt-124m",
+        [
+            f"data.source={directory}",
+            "train.global_batch_size=1",
+            f"train.seq_len={SEQ_LEN}",
+            f"train.steps={steps}",
+            "train.eval_every=0",
+        ],
+    )
     rows = train.run(cfg, mesh)
     return statistics.median(r["tokens_per_s"] for r in rows[1:])
 
@@ -81,16 +98,22 @@ def main():
 
     with tempfile.TemporaryDirectory() as workdir:
         prep = prepare_throughput(50304, workdir)
-        print(f"prepare: {prep['input_mb']:.1f} MB in {prep['prepare_s']:.1f} s = "
-              f"{prep['prepare_mb_per_s']:.1f} MB/s ({prep['tokens']:,} tokens; tokenizer "
-              f"training {prep['tokenizer_s']:.1f} s)")
+        print(
+            f"prepare: {prep['input_mb']:.1f} MB in {prep['prepare_s']:.1f} s = "
+            f"{prep['prepare_mb_per_s']:.1f} MB/s ({prep['tokens']:,} tokens; tokenizer "
+            f"training {prep['tokenizer_s']:.1f} s)"
+        )
         loader = loader_throughput(f"{workdir}/data", args.batches, mesh)
-        print(f"loader, one process: packing source {loader['source_tokens_per_s'] / 1e6:.1f} M "
-              f"tokens/s, whole pipeline {loader['pipeline_tokens_per_s'] / 1e6:.1f} M tokens/s")
+        print(
+            f"loader, one process: packing source {loader['source_tokens_per_s'] / 1e6:.1f} M "
+            f"tokens/s, whole pipeline {loader['pipeline_tokens_per_s'] / 1e6:.1f} M tokens/s"
+        )
         step = train_throughput(f"{workdir}/data", mesh)
         ratio = loader["pipeline_tokens_per_s"] / step
-        print(f"gpt-124m training consumes {step:,.0f} tokens/s on this CPU: the loader is "
-              f"{ratio:,.0f}x faster (aim >= 20x)")
+        print(
+            f"gpt-124m training consumes {step:,.0f} tokens/s on this CPU: the loader is "
+            f"{ratio:,.0f}x faster (aim >= 20x)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**prep, **loader, "train_tokens_per_s": step, "ratio": ratio}, f, indent=2)

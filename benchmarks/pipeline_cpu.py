@@ -26,12 +26,22 @@ STAGES = 4
 
 
 def step_time(microbatches: int, steps: int, mesh) -> float:
-    cfg = config_lib.load(None, [
-        "data.source=synthetic", "model.n_layers=8", "model.d_model=256", "model.n_heads=4",
-        "model.d_ff=1024", "train.global_batch_size=32", "train.seq_len=128",
-        f"train.microbatches={microbatches}", f"train.steps={steps}", "train.eval_every=0",
-        "model.compute_dtype=float32",
-    ])
+    cfg = config_lib.load(
+        None,
+        [
+            "data.source=synthetic",
+            "model.n_layers=8",
+            "model.d_model=256",
+            "model.n_heads=4",
+            "model.d_ff=1024",
+            "train.global_batch_size=32",
+            "train.seq_len=128",
+            f"train.microbatches={microbatches}",
+            f"train.steps={steps}",
+            "train.eval_every=0",
+            "model.compute_dtype=float32",
+        ],
+    )
     rows = [r for r in train.run(cfg, mesh) if "loss" in r]
     return statistics.median(r["step_time_s"] for r in rows[1:])
 
@@ -45,16 +55,24 @@ def main():
 
     rows = []
     for m in (4, 8, 16, 32):
-        rows.append({"microbatches": m, "bubble": (STAGES - 1) / (m + STAGES - 1),
-                     "predicted": (m + STAGES - 1) / m, "step_s": step_time(m, args.steps, mesh)})
+        rows.append(
+            {
+                "microbatches": m,
+                "bubble": (STAGES - 1) / (m + STAGES - 1),
+                "predicted": (m + STAGES - 1) / m,
+                "step_s": step_time(m, args.steps, mesh),
+            }
+        )
     base = rows[0]
     print(f"pp={STAGES}, 8 layers, 32 x 128 tokens per step; times relative to M=4")
     print(f"{'M':>4} {'bubble':>8} {'formula':>8} {'s/step':>8} {'measured':>9}")
     for r in rows:
         r["predicted_relative"] = r["predicted"] / base["predicted"]
         r["measured_relative"] = r["step_s"] / base["step_s"]
-        print(f"{r['microbatches']:>4} {r['bubble']:>8.3f} {r['predicted_relative']:>8.3f} "
-              f"{r['step_s']:>8.3f} {r['measured_relative']:>9.3f}")
+        print(
+            f"{r['microbatches']:>4} {r['bubble']:>8.3f} {r['predicted_relative']:>8.3f} "
+            f"{r['step_s']:>8.3f} {r['measured_relative']:>9.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

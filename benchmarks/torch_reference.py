@@ -34,7 +34,9 @@ class Norm(nn.Module):
 
     def forward(self, x):
         if self.kind == "layernorm":
-            return F.layer_norm(x.float(), x.shape[-1:], self.weight, self.bias, self.eps).to(x.dtype)
+            return F.layer_norm(x.float(), x.shape[-1:], self.weight, self.bias, self.eps).to(
+                x.dtype
+            )
         return F.rms_norm(x.float(), x.shape[-1:], self.weight, self.eps).to(x.dtype)
 
 
@@ -66,12 +68,16 @@ class Block(nn.Module):
         v = self.v(y).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = rotate(q, *rotary), rotate(k, *rotary)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.kv_heads != self.heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
+        )
         x = x + self.o(out.transpose(1, 2).reshape(B, L, -1))
         y = self.mlp_norm(x)
-        hidden = F.silu(self.gate(y)) * self.up(y) if self.swiglu \
+        hidden = (
+            F.silu(self.gate(y)) * self.up(y)
+            if self.swiglu
             else F.gelu(self.up(y), approximate="tanh")
+        )
         return x + self.down(hidden)
 
 
@@ -80,8 +86,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.m = m
         self.embedding = nn.Embedding(m.vocab_size, m.d_model)
-        self.positions = nn.Embedding(m.max_seq_len, m.d_model) if m.positions == "learned" \
-            else None
+        self.positions = (
+            nn.Embedding(m.max_seq_len, m.d_model) if m.positions == "learned" else None
+        )
         self.layers = nn.ModuleList(Block(m) for _ in range(m.n_layers))
         self.final_norm = Norm(m)
         self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
@@ -113,8 +120,12 @@ class Transformer(nn.Module):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config")
-    p.add_argument("--devices", type=int, default=1,
-                   help="the jaxlm run's data-parallel devices: this runs one device's share")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="the jaxlm run's data-parallel devices: this runs one device's share",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="eager mode (CPU smoke tests)")
@@ -127,14 +138,20 @@ def main(argv=None) -> int:
     cfg = config_lib.load(args.config, args.overrides)
     m, t = cfg.model, cfg.train
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-             "float32": torch.float32}[m.compute_dtype]
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+        m.compute_dtype
+    ]
     torch.manual_seed(t.seed)
     model = Transformer(m).to(device)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  eps=t.adam_eps, weight_decay=t.weight_decay,
-                                  fused=device == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+        fused=device == "cuda",
+    )
     micro = t.micro_batch_size or t.global_batch_size // args.devices
     accumulation = t.global_batch_size // args.devices // micro
     forward = model if args.no_compile else torch.compile(model)
@@ -162,14 +179,25 @@ def main(argv=None) -> int:
         loss = step()
     sync()
     seconds = (time.perf_counter() - start) / args.steps
-    print(json.dumps({
-        "framework": "pytorch", "torch": torch.__version__, "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "model": args.config, "seq_len": t.seq_len, "params": params,
-        "tokens_per_s_per_device": micro * accumulation * t.seq_len / seconds,
-        "step_s": seconds, "warmup_s": compile_s, "compiled": not args.no_compile,
-        "loss": float(loss.detach()), "initial_loss_bound": math.log(m.vocab_size) + 1,
-    }))
+    print(
+        json.dumps(
+            {
+                "framework": "pytorch",
+                "torch": torch.__version__,
+                "device": device,
+                "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                "model": args.config,
+                "seq_len": t.seq_len,
+                "params": params,
+                "tokens_per_s_per_device": micro * accumulation * t.seq_len / seconds,
+                "step_s": seconds,
+                "warmup_s": compile_s,
+                "compiled": not args.no_compile,
+                "loss": float(loss.detach()),
+                "initial_loss_bound": math.log(m.vocab_size) + 1,
+            }
+        )
+    )
     return 0
 
 

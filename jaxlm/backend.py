@@ -55,10 +55,16 @@ def detect() -> str:
     platforms = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
     if platforms in ("cpu", "cuda", "rocm"):
         return platforms
-    if platforms == "gpu" or pathlib.Path("/proc/driver/nvidia").exists() \
-            or shutil.which("nvidia-smi"):
-        return "rocm" if pathlib.Path("/dev/kfd").exists() and not shutil.which("nvidia-smi") \
+    if (
+        platforms == "gpu"
+        or pathlib.Path("/proc/driver/nvidia").exists()
+        or shutil.which("nvidia-smi")
+    ):
+        return (
+            "rocm"
+            if pathlib.Path("/dev/kfd").exists() and not shutil.which("nvidia-smi")
             else "cuda"
+        )
     if pathlib.Path("/dev/kfd").exists():
         return "rocm"
     return "cpu"

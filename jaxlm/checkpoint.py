@@ -43,13 +43,16 @@ class Restored:
 
 def abstract_target(tree, shardings):
     """ShapeDtypeStructs carrying the current mesh's shardings: what a restore fills in."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def param_shapes(params) -> dict[str, list[int]]:
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): list(x.shape)
-            for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): list(x.shape)
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+    }
 
 
 class Checkpoints:
@@ -67,17 +70,30 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, cfg: config_lib.Config, metadata: dict,
-             *, wait: bool = False) -> None:
+    def save(
+        self,
+        step: int,
+        state,
+        data_state: dict,
+        cfg: config_lib.Config,
+        metadata: dict,
+        *,
+        wait: bool = False,
+    ) -> None:
         """Start writing (the device-to-host copy happens before this returns, so the caller may
         donate `state` right after); `wait` blocks until the checkpoint has committed."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_lib.to_dict(cfg)),
-            metadata=ocp.args.JsonSave({**metadata, "step": step,
-                                        "jaxlm_version": jaxlm.__version__}),
-        ), force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config_lib.to_dict(cfg)),
+                metadata=ocp.args.JsonSave(
+                    {**metadata, "step": step, "jaxlm_version": jaxlm.__version__}
+                ),
+            ),
+            force=True,
+        )
         if wait:
             self.wait()
 
@@ -96,16 +112,26 @@ class Checkpoints:
                     raise UsageError(
                         f"{self.directory} holds converted parameters, not a training state: "
                         f"train from them into a new run directory with "
-                        f"checkpoint.init_from={self.directory.parent}")
+                        f"checkpoint.init_from={self.directory.parent}"
+                    )
                 try:
-                    restored = self._manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+                    restored = self._manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                        ),
+                    )
                     return Restored(step, restored.state, dict(restored.data))
                 except Exception as e:  # any unreadable file: fall back to the one before
                     problem = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             aside = self.directory / f"corrupt-{step}"
-            log.warning("checkpoint %s is incomplete or corrupt (%s); it is kept as %s and the "
-                        "one before it is used", self.directory / str(step), problem, aside.name)
+            log.warning(
+                "checkpoint %s is incomplete or corrupt (%s); it is kept as %s and the "
+                "one before it is used",
+                self.directory / str(step),
+                problem,
+                aside.name,
+            )
             (self.directory / str(step)).rename(aside)
             self._manager.reload()
         return None
@@ -119,8 +145,11 @@ class Checkpoints:
 
     def _read_json(self, step: int, item: str) -> dict:
         try:
-            return dict(self._manager.restore(step, args=ocp.args.Composite(
-                **{item: ocp.args.JsonRestore()}))[item])
+            return dict(
+                self._manager.restore(
+                    step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+                )[item]
+            )
         except Exception:
             return {}
 
@@ -135,17 +164,24 @@ def check_same_model(metadata: dict, shapes: dict[str, list[int]], where) -> Non
     if saved is None or saved == shapes:
         return
     names = sorted(set(saved) | set(shapes))
-    diffs = [f"{n} {saved.get(n, 'absent')} there, {shapes.get(n, 'absent')} here"
-             for n in names if saved.get(n) != shapes.get(n)]
-    if all(n in saved and n in shapes and _same_stack(saved[n], shapes[n])
-           for n in names if saved.get(n) != shapes.get(n)):
+    diffs = [
+        f"{n} {saved.get(n, 'absent')} there, {shapes.get(n, 'absent')} here"
+        for n in names
+        if saved.get(n) != shapes.get(n)
+    ]
+    if all(
+        n in saved and n in shapes and _same_stack(saved[n], shapes[n])
+        for n in names
+        if saved.get(n) != shapes.get(n)
+    ):
         raise UsageError(
             f"the checkpoint in {where} stores its layer stack split another way ({diffs[0]}): "
             f"resume with the train.pipeline_repeats it was written with"
         )
     more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
-    raise UsageError(f"the checkpoint in {where} is of a model with other shapes: "
-                     f"{'; '.join(diffs[:5])}{more}")
+    raise UsageError(
+        f"the checkpoint in {where} is of a model with other shapes: {'; '.join(diffs[:5])}{more}"
+    )
 
 
 def _same_stack(a: list[int], b: list[int]) -> bool:
@@ -167,16 +203,24 @@ def load_params(path: str, target, shapes: dict[str, list[int]]):
         path, step = path.parent, int(path.name)
     if not path.is_dir():
         raise UsageError(f"checkpoint.init_from: '{path}' does not exist")
-    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=_ITEMS)
+    manager = ocp.CheckpointManager(
+        path, options=ocp.CheckpointManagerOptions(read_only=True), item_names=_ITEMS
+    )
     step = step if step is not None else manager.latest_step()
     if step is None:
         raise UsageError(f"checkpoint.init_from: '{path}' holds no checkpoint")
     metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     check_same_model(dict(metadata["metadata"]), shapes, path / str(step))
     item = {"params": target}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            )
+        ),
+    )
     log.info("initialised the parameters from %s (step %d)", path / str(step), step)
     return restored["state"]["params"]

@@ -213,11 +213,16 @@ def load(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Con
 def validate(cfg: Config) -> Config:
     """Checks that need only the config (the mesh-dependent ones live in jaxlm/sharding.py)."""
     m, t = cfg.model, cfg.train
-    for key, value in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
-                       ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
-                       ("model.d_ff", m.d_ff), ("train.steps", t.steps),
-                       ("train.global_batch_size", t.global_batch_size),
-                       ("train.seq_len", t.seq_len)]:
+    for key, value in [
+        ("model.vocab_size", m.vocab_size),
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.d_ff", m.d_ff),
+        ("train.steps", t.steps),
+        ("train.global_batch_size", t.global_batch_size),
+        ("train.seq_len", t.seq_len),
+    ]:
         if value < 1:
             raise UsageError(f"{key} must be at least 1, not {value}")
     if m.head_dim is None and m.d_model % m.n_heads:
@@ -234,8 +239,9 @@ def validate(cfg: Config) -> Config:
     if t.peak_tflops is not None and t.peak_tflops <= 0:
         raise UsageError(f"train.peak_tflops must be positive, not {t.peak_tflops}")
     if cfg.log.carbon_intensity is not None and cfg.log.carbon_intensity < 0:
-        raise UsageError(f"log.carbon_intensity must not be negative, not "
-                         f"{cfg.log.carbon_intensity}")
+        raise UsageError(
+            f"log.carbon_intensity must not be negative, not {cfg.log.carbon_intensity}"
+        )
     if m.positions == "learned" and t.seq_len > m.max_seq_len:
         raise UsageError(
             f"train.seq_len={t.seq_len} is longer than the learned position table "
@@ -307,7 +313,7 @@ def _merge_dataclass(obj, updates: dict, *, prefix: str, source: str, from_text:
         key = f"{prefix}{name}"
         if name not in fields:
             while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key
-                (sub, value), = value.items()
+                ((sub, value),) = value.items()
                 key = f"{key}.{sub}"
             close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.7)
             hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -46,15 +46,18 @@ def initialize(cfg: DistributedConfig) -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = dict(initialization_timeout=cfg.init_timeout,
-                  heartbeat_timeout_seconds=cfg.heartbeat_timeout)
+    kwargs = dict(
+        initialization_timeout=cfg.init_timeout, heartbeat_timeout_seconds=cfg.heartbeat_timeout
+    )
     if os.environ.get("JAXLM_COORDINATOR"):
         missing = [v for v in _EXPLICIT if not os.environ.get(v)]
         if missing:
             raise UsageError(f"JAXLM_COORDINATOR is set but {', '.join(missing)} is not")
-        kwargs.update(coordinator_address=os.environ["JAXLM_COORDINATOR"],
-                      num_processes=int(os.environ["JAXLM_NUM_PROCESSES"]),
-                      process_id=int(os.environ["JAXLM_PROCESS_ID"]))
+        kwargs.update(
+            coordinator_address=os.environ["JAXLM_COORDINATOR"],
+            num_processes=int(os.environ["JAXLM_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAXLM_PROCESS_ID"]),
+        )
     jax.distributed.initialize(**kwargs)
 
 
@@ -74,5 +77,6 @@ def log_to_file(out_dir: pathlib.Path | None) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
-    log.info("process %d of %d, %d local devices", index, jax.process_count(),
-             jax.local_device_count())
+    log.info(
+        "process %d of %d, %d local devices", index, jax.process_count(), jax.local_device_count()
+    )

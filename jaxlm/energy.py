@@ -110,8 +110,12 @@ class NvmlEnergyMeter:
 
 
 def _nvidia_smi_watts(indices: list[int]):
-    command = ["nvidia-smi", f"--id={','.join(map(str, indices))}",
-               "--query-gpu=power.draw", "--format=csv,noheader,nounits"]
+    command = [
+        "nvidia-smi",
+        f"--id={','.join(map(str, indices))}",
+        "--query-gpu=power.draw",
+        "--format=csv,noheader,nounits",
+    ]
 
     def read() -> float:
         out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=10)
@@ -122,8 +126,13 @@ def _nvidia_smi_watts(indices: list[int]):
 
 def _rocm_smi_watts(indices: list[int]):
     def read() -> float:
-        out = subprocess.run(["rocm-smi", "--showpower", "--json"], capture_output=True,
-                             text=True, check=True, timeout=10)
+        out = subprocess.run(
+            ["rocm-smi", "--showpower", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
         total = 0.0
         for card, fields in json.loads(out.stdout).items():
             if card.startswith("card") and int(card[4:]) in indices:

@@ -47,8 +47,10 @@ def evaluate(run, mesh, *, batches: int | None = None) -> dict:
 
     cfg = run.cfg
     if cfg.data.source == "synthetic":
-        raise UsageError(f"{run.directory} has no prepared data to evaluate on: pass --data DIR "
-                         f"(a directory made by python -m jaxlm.data prepare)")
+        raise UsageError(
+            f"{run.directory} has no prepared data to evaluate on: pass --data DIR "
+            f"(a directory made by python -m jaxlm.data prepare)"
+        )
     if batches is not None and batches < 1:
         raise UsageError(f"--batches must be at least 1, not {batches}")
     runs.check_mesh(cfg, mesh, batch=cfg.train.global_batch_size)
@@ -59,16 +61,25 @@ def evaluate(run, mesh, *, batches: int | None = None) -> dict:
 
     spec = model_lib.describe(cfg.model, sharding.ActivationSharding(mesh))
     params = runs.load_params(run, mesh, spec)
-    loss_sums = jax.jit(make_loss_fn(spec.graphdef),
-                        in_shardings=(sharding.tree_shardings(mesh, spec.axes, sharding.RULES),
-                                      batch_sharding),
-                        out_shardings=runs.replicated(mesh))
+    loss_sums = jax.jit(
+        make_loss_fn(spec.graphdef),
+        in_shardings=(sharding.tree_shardings(mesh, spec.axes, sharding.RULES), batch_sharding),
+        out_shardings=runs.replicated(mesh),
+    )
     sums = [loss_sums(params, next(split)) for _ in range(count)]
     loss_sum, tokens = (sum(float(jax.device_get(s[i])) for s in sums) for i in (0, 1))
     loss = loss_sum / tokens
-    return {"run": str(run.directory), "step": run.step, "data": str(directory), "split": "val",
-            "batches": count, "batch_shape": [cfg.train.global_batch_size, cfg.train.seq_len],
-            "tokens": int(tokens), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return {
+        "run": str(run.directory),
+        "step": run.step,
+        "data": str(directory),
+        "split": "val",
+        "batches": count,
+        "batch_shape": [cfg.train.global_batch_size, cfg.train.seq_len],
+        "tokens": int(tokens),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+    }
 
 
 def logits(run, mesh, tokens):
@@ -85,37 +96,56 @@ def logits(run, mesh, tokens):
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-        raise UsageError(f"--tokens must hold integer ids of shape [batch, length] or [length], "
-                         f"not {tokens.dtype} {list(tokens.shape)}")
+        raise UsageError(
+            f"--tokens must hold integer ids of shape [batch, length] or [length], "
+            f"not {tokens.dtype} {list(tokens.shape)}"
+        )
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-        raise UsageError(f"--tokens holds ids from {tokens.min()} to {tokens.max()}, outside the "
-                         f"model's vocabulary of {cfg.vocab_size}")
+        raise UsageError(
+            f"--tokens holds ids from {tokens.min()} to {tokens.max()}, outside the "
+            f"model's vocabulary of {cfg.vocab_size}"
+        )
     if tokens.shape[1] > cfg.max_seq_len:
-        raise UsageError(f"--tokens holds sequences of {tokens.shape[1]} tokens, longer than the "
-                         f"model's context of {cfg.max_seq_len} (model.max_seq_len)")
+        raise UsageError(
+            f"--tokens holds sequences of {tokens.shape[1]} tokens, longer than the "
+            f"model's context of {cfg.max_seq_len} (model.max_seq_len)"
+        )
     runs.check_mesh(run.cfg, mesh)
     shard = runs.activation_sharding(mesh, tokens.shape[0])
     spec = model_lib.describe(cfg, shard)
     params = runs.load_params(run, mesh, spec)
-    forward = jax.jit(lambda p, t: model_lib.apply(spec.graphdef, p, t).astype(jnp.float32),
-                      out_shardings=runs.replicated(mesh))
+    forward = jax.jit(
+        lambda p, t: model_lib.apply(spec.graphdef, p, t).astype(jnp.float32),
+        out_shardings=runs.replicated(mesh),
+    )
     return np.asarray(jax.device_get(forward(params, jnp.asarray(tokens, jnp.int32))))
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.eval", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=pathlib.Path, required=True, metavar="RUN_DIR")
-    p.add_argument("--data", type=pathlib.Path, metavar="DIR",
-                   help="a prepared directory whose validation split to use (default: the "
-                        "run's data.source)")
+    p.add_argument(
+        "--data",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="a prepared directory whose validation split to use (default: the run's data.source)",
+    )
     p.add_argument("--batches", type=int, help="evaluate only the first N batches")
     p.add_argument("--step", type=int, help="the checkpoint to use (default: the newest)")
     p.add_argument("--mesh", default="dp=-1", help="mesh spec or preset (default dp=-1); no pp")
     p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the JSON here")
-    p.add_argument("--tokens", type=pathlib.Path, metavar="IDS.npy",
-                   help="token ids [batch, length]: write their logits instead of evaluating")
-    p.add_argument("--logits-out", type=pathlib.Path, metavar="OUT.npy",
-                   help="where --tokens' float32 logits [batch, length, vocab] go")
+    p.add_argument(
+        "--tokens",
+        type=pathlib.Path,
+        metavar="IDS.npy",
+        help="token ids [batch, length]: write their logits instead of evaluating",
+    )
+    p.add_argument(
+        "--logits-out",
+        type=pathlib.Path,
+        metavar="OUT.npy",
+        help="where --tokens' float32 logits [batch, length, vocab] go",
+    )
     p.add_argument("--cpu-devices", type=int, help="on CPU, pretend to have this many devices")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_intermixed_args(argv)
@@ -168,12 +198,14 @@ def main(argv=None) -> int:
 
 def table(result: dict) -> str:
     b, length = result["batch_shape"]
-    rows = [("run", f"{result['run']} (step {result['step']})"),
-            ("data", f"{result['data']} ({result['split']} split)"),
-            ("batches", f"{result['batches']} x {b} x {length} tokens"),
-            ("tokens", f"{result['tokens']:,}"),
-            ("loss", f"{result['loss']:.4f}"),
-            ("perplexity", f"{result['perplexity']:.2f}")]
+    rows = [
+        ("run", f"{result['run']} (step {result['step']})"),
+        ("data", f"{result['data']} ({result['split']} split)"),
+        ("batches", f"{result['batches']} x {b} x {length} tokens"),
+        ("tokens", f"{result['tokens']:,}"),
+        ("loss", f"{result['loss']:.4f}"),
+        ("perplexity", f"{result['perplexity']:.2f}"),
+    ]
     return "\n".join(f"{name:<11} {value}" for name, value in rows)
 
 

@@ -85,7 +85,8 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_tflops: flo
     return flops_per_token * tokens_per_s_per_device / (peak_tflops * 1e12)
 
 
-def days_to_train(flops_per_token: float, tokens: float, devices: int, peak_tflops: float,
-                  mfu_: float) -> float:
+def days_to_train(
+    flops_per_token: float, tokens: float, devices: int, peak_tflops: float, mfu_: float
+) -> float:
     """GPT-NL's compute calculus: total model FLOPs over the FLOP/s the devices deliver."""
     return flops_per_token * tokens / (devices * peak_tflops * 1e12 * mfu_) / _SECONDS_PER_DAY

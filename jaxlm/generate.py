@@ -71,9 +71,18 @@ def sample(logits_BxV, key, sampling: Sampling):
     return jax.random.categorical(key, logits_BxV, axis=-1)
 
 
-def generate(cfg, params, mesh, prompt_BxP, *, max_new_tokens: int, sampling: Sampling,
-             seed: int = 0, eos_id: int | None = None,
-             on_tokens: Callable | None = None):
+def generate(
+    cfg,
+    params,
+    mesh,
+    prompt_BxP,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling,
+    seed: int = 0,
+    eos_id: int | None = None,
+    on_tokens: Callable | None = None,
+):
     """New token ids [B, N] after the prompts [B, P] (all of one length).
 
     `params` are the model's parameters on `mesh` (`jaxlm.runs.load_params`). N is at most
@@ -90,8 +99,10 @@ def generate(cfg, params, mesh, prompt_BxP, *, max_new_tokens: int, sampling: Sa
     B, P = prompt_BxP.shape
     n_new = min(max_new_tokens, cfg.max_seq_len - P)
     if n_new < 1:
-        raise UsageError(f"the prompt is {P} tokens and the model's context "
-                         f"(model.max_seq_len) {cfg.max_seq_len}: no room for a new token")
+        raise UsageError(
+            f"the prompt is {P} tokens and the model's context "
+            f"(model.max_seq_len) {cfg.max_seq_len}: no room for a new token"
+        )
     # the cache holds every position that is fed back
     empty_cache, step, token_sharding = _compiled(cfg, mesh, sampling, B, P + n_new)
     replicated = runs.replicated(mesh)
@@ -99,8 +110,9 @@ def generate(cfg, params, mesh, prompt_BxP, *, max_new_tokens: int, sampling: Sa
     put = jax.device_put
 
     started = time.perf_counter()
-    next_B, cache = step(params, put(prompt_BxP, token_sharding), empty_cache(),
-                         put(np.int32(0), replicated), key)
+    next_B, cache = step(
+        params, put(prompt_BxP, token_sharding), empty_cache(), put(np.int32(0), replicated), key
+    )
     out, done = [], np.zeros(B, bool)
     for i in range(n_new):
         tokens_B = np.asarray(jax.device_get(next_B))
@@ -114,12 +126,24 @@ def generate(cfg, params, mesh, prompt_BxP, *, max_new_tokens: int, sampling: Sa
             on_tokens(tokens_B)
         if done.all() or i == n_new - 1:
             break
-        next_B, cache = step(params, put(tokens_B[:, None], token_sharding), cache,
-                             put(np.int32(P + i), replicated), key)
+        next_B, cache = step(
+            params,
+            put(tokens_B[:, None], token_sharding),
+            cache,
+            put(np.int32(P + i), replicated),
+            key,
+        )
     seconds = time.perf_counter() - started
-    log.info("prefill of %d x %d tokens in %.2f s; %d new tokens in %.2f s (%.1f tokens/s "
-             "after the prefill)", B, P, prefill_s, len(out), seconds,
-             (len(out) - 1) / max(seconds - prefill_s, 1e-9))
+    log.info(
+        "prefill of %d x %d tokens in %.2f s; %d new tokens in %.2f s (%.1f tokens/s "
+        "after the prefill)",
+        B,
+        P,
+        prefill_s,
+        len(out),
+        seconds,
+        (len(out) - 1) / max(seconds - prefill_s, 1e-9),
+    )
     return np.stack(out, axis=1)
 
 
@@ -142,20 +166,26 @@ def _compiled(cfg, mesh, sampling: Sampling, batch: int, length: int):
     cache_shardings = model_lib.LayerCache(cache_sharding, cache_sharding)
     token_sharding = sharding.named(mesh, ("batch", "length"), rules)
     replicated = runs.replicated(mesh)
-    empty_cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                               model_lib.cache_shapes(cfg, batch, length)),
-                          out_shardings=cache_shardings)  # made in its shards
+    empty_cache = jax.jit(
+        lambda: jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), model_lib.cache_shapes(cfg, batch, length)
+        ),
+        out_shardings=cache_shardings,
+    )  # made in its shards
 
     def step(params, tokens_BxT, cache, start, key):
         logits_BxTxV, cache = model_lib.decode(spec.graphdef, params, tokens_BxT, cache, start)
-        next_B = sample(logits_BxTxV[:, -1].astype(jnp.float32),
-                        jax.random.fold_in(key, start), sampling)
+        next_B = sample(
+            logits_BxTxV[:, -1].astype(jnp.float32), jax.random.fold_in(key, start), sampling
+        )
         return next_B.astype(jnp.int32), cache
 
-    step = jax.jit(step, donate_argnums=2,
-                   in_shardings=(param_shardings, token_sharding, cache_shardings, replicated,
-                                 replicated),
-                   out_shardings=(replicated, cache_shardings))
+    step = jax.jit(
+        step,
+        donate_argnums=2,
+        in_shardings=(param_shardings, token_sharding, cache_shardings, replicated, replicated),
+        out_shardings=(replicated, cache_shardings),
+    )
     return empty_cache, step, token_sharding
 
 
@@ -183,27 +213,35 @@ class TextStream:
         if not final:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence so far
         if text.startswith(self.printed):
-            self.out.write(text[len(self.printed):])
+            self.out.write(text[len(self.printed) :])
             self.printed = text
         self.out.flush()
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.generate",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxlm.generate", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=pathlib.Path, required=True, metavar="RUN_DIR")
     p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=Sampling.temperature,
-                   help="0: greedy (default %(default)s)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=Sampling.temperature,
+        help="0: greedy (default %(default)s)",
+    )
     p.add_argument("--top-k", type=int, default=Sampling.top_k, help="0: off (default)")
     p.add_argument("--top-p", type=float, default=Sampling.top_p, help="1: off (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mesh", default="dp=-1",
-                   help="mesh spec or preset, e.g. tp=2 (default dp=-1); no pp")
+    p.add_argument(
+        "--mesh", default="dp=-1", help="mesh spec or preset, e.g. tp=2 (default dp=-1); no pp"
+    )
     p.add_argument("--step", type=int, help="the checkpoint to use (default: the newest)")
-    p.add_argument("--tokenizer", type=pathlib.Path, metavar="FILE.model",
-                   help="a SentencePiece model (default: the run's own)")
+    p.add_argument(
+        "--tokenizer",
+        type=pathlib.Path,
+        metavar="FILE.model",
+        help="a SentencePiece model (default: the run's own)",
+    )
     p.add_argument("--cpu-devices", type=int, help="on CPU, pretend to have this many devices")
     return p.parse_args(argv)
 
@@ -226,29 +264,46 @@ def main(argv=None) -> int:
         run = runs.open_run(args.run, args.step)
         path = args.tokenizer or runs.tokenizer_path(run)
         if path is None:
-            raise UsageError(f"{args.run} has no SentencePiece tokenizer that can be found: "
-                             f"pass --tokenizer FILE.model")
+            raise UsageError(
+                f"{args.run} has no SentencePiece tokenizer that can be found: "
+                f"pass --tokenizer FILE.model"
+            )
         sp = tokenizer_lib.load(path)
         if sp.vocab_size() > run.cfg.model.vocab_size:
-            raise UsageError(f"the tokenizer {path} has {sp.vocab_size()} pieces, more than the "
-                             f"model's vocabulary of {run.cfg.model.vocab_size}")
+            raise UsageError(
+                f"the tokenizer {path} has {sp.vocab_size()} pieces, more than the "
+                f"model's vocabulary of {run.cfg.model.vocab_size}"
+            )
         if not args.prompt:
             raise UsageError("the prompt is empty")
         prompt = ([sp.bos_id()] if _adds_bos(run) else []) + sp.encode(args.prompt)
         context = run.cfg.model.max_seq_len
         if len(prompt) > context:
-            raise UsageError(f"the prompt is {len(prompt)} tokens, longer than the model's "
-                             f"context of {context} tokens (model.max_seq_len)")
+            raise UsageError(
+                f"the prompt is {len(prompt)} tokens, longer than the model's "
+                f"context of {context} tokens (model.max_seq_len)"
+            )
         if len(prompt) == context:
-            raise UsageError(f"the prompt fills the model's context of {context} tokens "
-                             f"(model.max_seq_len): no room for a new token")
+            raise UsageError(
+                f"the prompt fills the model's context of {context} tokens "
+                f"(model.max_seq_len): no room for a new token"
+            )
         mesh = mesh_lib.make_mesh(args.mesh)
         runs.check_mesh(run.cfg, mesh)
 
         params = runs.load_params(run, mesh)
         stream = TextStream(sp, prompt)
-        generate(run.cfg.model, params, mesh, [prompt], max_new_tokens=args.max_new_tokens,
-                 sampling=sampling, seed=args.seed, eos_id=sp.eos_id(), on_tokens=stream)
+        generate(
+            run.cfg.model,
+            params,
+            mesh,
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            seed=args.seed,
+            eos_id=sp.eos_id(),
+            on_tokens=stream,
+        )
         stream.close()
 
     return run_command(body)

@@ -78,11 +78,13 @@ def peak_tflops(override: float | None, dtype: str) -> tuple[float | None, str]:
     if device.platform == "cpu":
         measured = measure_matmul_tflops(dtype)
         share = measured / jax.local_device_count()
-        shared = (f", shared by {jax.local_device_count()} devices"
-                  if jax.local_device_count() > 1 else "")
+        shared = (
+            f", shared by {jax.local_device_count()} devices"
+            if jax.local_device_count() > 1
+            else ""
+        )
         return share, f"a {dtype} matmul measured at {measured:.3f} TFLOP/s on this CPU{shared}"
     known = lookup(device.device_kind)
     if known is None:
-        return None, (f"no peak known for {device.device_kind!r}: set train.peak_tflops for "
-                      f"MFU")
+        return None, (f"no peak known for {device.device_kind!r}: set train.peak_tflops for MFU")
     return known.peak_tflops, f"the {known.name} data sheet"

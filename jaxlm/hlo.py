@@ -18,8 +18,23 @@ import dataclasses
 import math
 import re
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
@@ -42,8 +57,11 @@ class HloCounts:
 
 
 def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dt, tuple(int(d) for d in dims.split(",") if d))
-            for dt, dims in _ARRAY.findall(type_text) if dt in _BYTES]
+    return [
+        (dt, tuple(int(d) for d in dims.split(",") if d))
+        for dt, dims in _ARRAY.findall(type_text)
+        if dt in _BYTES
+    ]
 
 
 def _nbytes(type_text: str) -> int:
@@ -57,8 +75,8 @@ def _split_instruction(rest: str) -> tuple[str, str, str]:
         for i, ch in enumerate(rest):
             depth += {"(": 1, ")": -1}.get(ch, 0)
             if depth == 0:
+                type_text, rest = rest[: i + 1], rest[i + 2 :]
                 break
-        type_text, rest = rest[:i + 1], rest[i + 2:]
     else:
         type_text, _, rest = rest.partition(" ")
     op, _, tail = rest.partition("(")
@@ -77,7 +95,7 @@ def analyse(hlo_text: str) -> HloCounts:
             continue
         instruction = _INSTRUCTION.match(line)
         if instruction and current is not None:
-            current.append((instruction.group(1), *_split_instruction(line[instruction.end():])))
+            current.append((instruction.group(1), *_split_instruction(line[instruction.end() :])))
 
     # How often each computation runs: callers' counts times the trip count for while bodies.
     runs: dict[str, float] = collections.defaultdict(float)
@@ -112,8 +130,11 @@ def analyse(hlo_text: str) -> HloCounts:
                 out = _arrays(type_text)[0][1]
                 lhs = _arrays(shapes.get(re.match(r"\s*%(\S+?)[,)]", tail).group(1), ""))
                 dims = _CONTRACTING.search(tail)
-                contracted = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d) \
-                    if lhs and dims else 1
+                contracted = (
+                    math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d)
+                    if lhs and dims
+                    else 1
+                )
                 flops += times * 2 * math.prod(out) * contracted
             base = op.removesuffix("-start")
             if base in COLLECTIVES and not op.endswith("-done"):

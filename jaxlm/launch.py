@@ -25,10 +25,17 @@ def parse_args(argv):
     commands = p.add_subparsers(dest="command", required=True)
     local = commands.add_parser("local", help="N processes on this machine")
     local.add_argument("-n", "--processes", type=int, default=2)
-    local.add_argument("--cpu-devices", type=int, default=8,
-                       help="fake CPU devices in all, split evenly between the processes")
-    local.add_argument("train_args", nargs=argparse.REMAINDER,
-                       help="after --: the arguments of python -m jaxlm.train")
+    local.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=8,
+        help="fake CPU devices in all, split evenly between the processes",
+    )
+    local.add_argument(
+        "train_args",
+        nargs=argparse.REMAINDER,
+        help="after --: the arguments of python -m jaxlm.train",
+    )
     args = p.parse_args(argv)
     if args.train_args[:1] == ["--"]:
         args.train_args = args.train_args[1:]
@@ -55,8 +62,9 @@ def launch_local(processes: int, cpu_devices: int, train_args: list[str]) -> int
             "JAXLM_NUM_PROCESSES": str(processes),
             "JAXLM_PROCESS_ID": str(i),
         }
-        children.append(subprocess.Popen([sys.executable, "-m", "jaxlm.train", *train_args],
-                                         env=env))
+        children.append(
+            subprocess.Popen([sys.executable, "-m", "jaxlm.train", *train_args], env=env)
+        )
 
     def forward(signum, _frame):
         for child in children:

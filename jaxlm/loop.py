@@ -147,14 +147,20 @@ class Loop:
                     log.info("no checkpoint at step %d: inside a run of bad steps", step)
                     save = False
                 if (save or stop) and self.checkpoints:
-                    self.checkpoints.save(step, state, self.batches.get_state(), self.cfg,
-                                          self.metadata, wait=stop)
+                    self.checkpoints.save(
+                        step, state, self.batches.get_state(), self.cfg, self.metadata, wait=stop
+                    )
                     saved_step = step
                 if stop:
-                    where = (f"the checkpoint of step {saved_step} continues the run"
-                             if self.checkpoints else "nothing saved (no run directory)")
-                    raise Preempted(f"stopped by {self.stop.reason or 'another process'} after "
-                                    f"step {step}; {where}")
+                    where = (
+                        f"the checkpoint of step {saved_step} continues the run"
+                        if self.checkpoints
+                        else "nothing saved (no run directory)"
+                    )
+                    raise Preempted(
+                        f"stopped by {self.stop.reason or 'another process'} after "
+                        f"step {step}; {where}"
+                    )
                 last_done = mark()  # the next step's time and energy exclude the above
         if pending:
             record(*pending)
@@ -163,11 +169,17 @@ class Loop:
     def _roll_back(self, state, step: int, bad: BadSteps):
         restored = self.restore() if self.checkpoints else None
         if restored is None:
-            raise Diverged(f"{bad.in_a_row} bad steps in a row (non-finite or spiking loss) up to "
-                           f"step {step}, and no checkpoint to roll back to")
-        log.warning("%d bad steps in a row up to step %d: rolled back to the checkpoint of step "
-                    "%d; the data goes on, so the batches that caused them are skipped",
-                    bad.in_a_row, step, restored.step)
+            raise Diverged(
+                f"{bad.in_a_row} bad steps in a row (non-finite or spiking loss) up to "
+                f"step {step}, and no checkpoint to roll back to"
+            )
+        log.warning(
+            "%d bad steps in a row up to step %d: rolled back to the checkpoint of step "
+            "%d; the data goes on, so the batches that caused them are skipped",
+            bad.in_a_row,
+            step,
+            restored.step,
+        )
         self.write({"step": step, "rolled_back_to": restored.step}, prefix="events")
         bad.reset()
         return restored.state, restored.step

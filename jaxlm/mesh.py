@@ -48,7 +48,9 @@ def parse(spec: str) -> dict[str, int]:
         try:
             sizes[axis] = int(value)
         except ValueError:
-            raise UsageError(f"mesh axis '{name.strip()}' needs an integer size, not '{value}'")
+            raise UsageError(
+                f"mesh axis '{name.strip()}' needs an integer size, not '{value}'"
+            ) from None
         if sizes[axis] == 0 or sizes[axis] < -1:
             raise UsageError(f"mesh axis '{name.strip()}' must be a positive size or -1")
     if list(sizes.values()).count(-1) > 1:
@@ -108,11 +110,15 @@ def device_grid(sizes: dict[str, int], devices: list) -> np.ndarray:
         return np.asarray(devices).reshape(shape)
     local, outer = split_over_processes(sizes, len(devices) // processes)
     if outer["tensor"] > 1:
-        log.warning("tensor parallelism across processes (tp=%d, %d devices per process): its "
-                    "collectives run over the slow network", sizes["tensor"],
-                    len(devices) // processes)
+        log.warning(
+            "tensor parallelism across processes (tp=%d, %d devices per process): its "
+            "collectives run over the slow network",
+            sizes["tensor"],
+            len(devices) // processes,
+        )
     return mesh_utils.create_hybrid_device_mesh(
-        [local[a] for a in AXES], [outer[a] for a in AXES], devices, process_is_granule=True)
+        [local[a] for a in AXES], [outer[a] for a in AXES], devices, process_is_granule=True
+    )
 
 
 def split_over_processes(sizes: dict[str, int], per_process: int):

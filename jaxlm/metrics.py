@@ -23,8 +23,9 @@ class MetricsLog:
     are about to run again) and appends; TensorBoard purges its events after s the same way.
     """
 
-    def __init__(self, out_dir: pathlib.Path | None, *, resume_step: int = 0,
-                 tensorboard: bool = True):
+    def __init__(
+        self, out_dir: pathlib.Path | None, *, resume_step: int = 0, tensorboard: bool = True
+    ):
         self._file = self._writer = None
         self.kept: list[dict] = []  # the rows of the steps before a resume
         if out_dir is None:
@@ -47,8 +48,9 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported here: slow, and optional
 
-            self._writer = SummaryWriter(str(out_dir / "tensorboard"),
-                                         purge_step=resume_step + 1 if resume_step else None)
+            self._writer = SummaryWriter(
+                str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
 
     def write(self, row: dict, *, prefix: str = "train") -> None:
         if self._file:
@@ -74,11 +76,15 @@ class ProgressReport:
         self._bar = None
         if live and sys.stdout.isatty():
             self._bar = Progress(
-                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
             )
-            self._task = self._bar.add_task("train", total=total_steps, completed=first_step,
-                                            status="compiling")
+            self._task = self._bar.add_task(
+                "train", total=total_steps, completed=first_step, status="compiling"
+            )
             self._bar.start()
 
     def update(self, row: dict) -> None:
@@ -86,8 +92,9 @@ class ProgressReport:
         if self._bar:
             self._bar.update(self._task, completed=row["step"], status=status)
         elif row["step"] % self.every == 0 or row["step"] in (1, self.total):
-            log.info("step %d/%d | %s | %.3f s/step", row["step"], self.total, status,
-                     row["step_time_s"])
+            log.info(
+                "step %d/%d | %s | %.3f s/step", row["step"], self.total, status, row["step_time_s"]
+            )
 
     def close(self) -> None:
         if self._bar:

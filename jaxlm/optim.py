@@ -14,6 +14,7 @@ import optax
 
 from jaxlm.config import TrainConfig
 
+
 def schedule(t: TrainConfig) -> optax.Schedule:
     length = t.decay_steps or t.steps
     warmup = min(t.warmup_steps, max(length - 1, 0))

@@ -44,10 +44,15 @@ def parse_args(argv):
     add_target_args(p)
     p.add_argument("--mesh", required=True, help="mesh spec (dp=8,tp=4) or preset in meshes/")
     p.add_argument("--tokens", type=float, help="training tokens (default 20 per parameter)")
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
-                   help=f"MFU assumed for the days to train (default {DEFAULT_MFU})")
-    p.add_argument("--no-compile", action="store_true",
-                   help="only the arithmetic: skip compiling the step")
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=DEFAULT_MFU,
+        help=f"MFU assumed for the days to train (default {DEFAULT_MFU})",
+    )
+    p.add_argument(
+        "--no-compile", action="store_true", help="only the arithmetic: skip compiling the step"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_intermixed_args(argv)
 
@@ -55,14 +60,22 @@ def parse_args(argv):
 def add_target_args(p: argparse.ArgumentParser) -> None:
     """The options plan and tune share: the model and the machine it is meant for."""
     p.add_argument("--config", help="preset in configs/ or a YAML file")
-    p.add_argument("--devices", type=int,
-                   help="devices in all (default: the mesh's size); compiled on this many fake "
-                        "CPU devices")
-    p.add_argument("--device-kind", default=DEFAULT_DEVICE,
-                   help=f"the target device: a100, h100, h200, gh200, mi250x, mi300x, a64fx, "
-                        f"tpu v4, tpu v5p (default {DEFAULT_DEVICE})")
-    p.add_argument("--devices-per-node", type=int,
-                   help="devices in one node (default: the device kind's usual node)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        help="devices in all (default: the mesh's size); compiled on this many fake CPU devices",
+    )
+    p.add_argument(
+        "--device-kind",
+        default=DEFAULT_DEVICE,
+        help=f"the target device: a100, h100, h200, gh200, mi250x, mi300x, a64fx, "
+        f"tpu v4, tpu v5p (default {DEFAULT_DEVICE})",
+    )
+    p.add_argument(
+        "--devices-per-node",
+        type=int,
+        help="devices in one node (default: the device kind's usual node)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
@@ -71,8 +84,9 @@ def target_device(kind: str):
 
     device = hardware.lookup(kind)
     if device is None:
-        raise UsageError(f"unknown --device-kind '{kind}': use one of "
-                         f"{', '.join(hardware.DEVICES)}")
+        raise UsageError(
+            f"unknown --device-kind '{kind}': use one of {', '.join(hardware.DEVICES)}"
+        )
     return device
 
 
@@ -87,7 +101,9 @@ def use_fake_cpu_devices(n: int) -> None:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # backends already up (a notebook, the tests): they must match
         if jax.device_count() != n:
-            raise UsageError(f"JAX already runs with {jax.device_count()} devices, not {n}")
+            raise UsageError(
+                f"JAX already runs with {jax.device_count()} devices, not {n}"
+            ) from None
 
 
 # --- bytes per device -------------------------------------------------------------------------
@@ -96,8 +112,11 @@ def use_fake_cpu_devices(n: int) -> None:
 def _shard_bytes(shapes, shardings) -> int:
     import jax
 
-    leaves = jax.tree.leaves(jax.tree.map(
-        lambda s, sh: math.prod(sh.shard_shape(s.shape)) * s.dtype.itemsize, shapes, shardings))
+    leaves = jax.tree.leaves(
+        jax.tree.map(
+            lambda s, sh: math.prod(sh.shard_shape(s.shape)) * s.dtype.itemsize, shapes, shardings
+        )
+    )
     return int(sum(leaves))
 
 
@@ -117,12 +136,18 @@ def state_bytes(cfg, program) -> dict[str, int]:
 
 def activation_bytes(cfg, program, mesh) -> int:
     """See `estimate_activation_bytes`, for a built program on its mesh."""
-    return estimate_activation_bytes(cfg, program.micro_batch, program.stages.stages,
-                                     mesh.shape["tensor"], program.stages.microbatches)
+    return estimate_activation_bytes(
+        cfg,
+        program.micro_batch,
+        program.stages.stages,
+        mesh.shape["tensor"],
+        program.stages.microbatches,
+    )
 
 
-def estimate_activation_bytes(cfg, micro_batch: int, stages: int, tp: int,
-                              microbatches: int = 1) -> int:
+def estimate_activation_bytes(
+    cfg, micro_batch: int, stages: int, tp: int, microbatches: int = 1
+) -> int:
     """An estimate of the activations one device keeps for the backward pass, plus the largest
     transient (one layer recomputed, the logits and their gradient).
 
@@ -141,8 +166,9 @@ def estimate_activation_bytes(cfg, micro_batch: int, stages: int, tp: int,
     q, kv = m.n_heads * m.dim_per_head / tp, 2 * m.kv_heads * m.dim_per_head / tp
     mlp_in = (2 if m.mlp == "swiglu" else 1) * F / tp
     save_dots = c * (D + q + kv + D + mlp_in + D)
-    everything = save_dots + 2 * 4 * D + c * (q + kv / 2) + (c + 4) * m.n_heads / tp * T \
-        + c * (q + mlp_in)
+    everything = (
+        save_dots + 2 * 4 * D + c * (q + kv / 2) + (c + 4) * m.n_heads / tp * T + c * (q + mlp_in)
+    )
     per_layer = {"none": everything, "save_dots": save_dots, "full": c * D}[m.remat]
     tokens = micro_batch * T
     layers = m.n_layers // stages
@@ -174,10 +200,17 @@ def compile_step(cfg, program) -> CompiledStep:
     compiled = program.train_step.lower(*abstract_step_inputs(cfg, program)).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
-    memory = {k: int(getattr(stats, f"{k}_size_in_bytes"))
-              for k in ("argument", "output", "alias", "temp", "generated_code")}
-    total = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] \
+    memory = {
+        k: int(getattr(stats, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    total = (
+        memory["argument"]
+        + memory["output"]
+        - memory["alias"]
+        + memory["temp"]
         + memory["generated_code"]
+    )
     counts = hlo.analyse(compiled.as_text())
     return CompiledStep(total, memory, counts.flops, counts.collective_bytes, seconds, compiled)
 
@@ -191,32 +224,49 @@ def layout_warnings(cfg, mesh, program, device, per_node: int, fits_bytes: int |
     warnings = []
     tp = sizes["tensor"]
     if tp > per_node:
-        warnings.append(f"tensor parallelism tp={tp} spans nodes of {per_node} devices: its "
-                        f"per-layer collectives would cross the network; keep tp <= {per_node}")
+        warnings.append(
+            f"tensor parallelism tp={tp} spans nodes of {per_node} devices: its "
+            f"per-layer collectives would cross the network; keep tp <= {per_node}"
+        )
     elif tp > 8:
         warnings.append(f"tp={tp} > 8: tensor parallelism beyond 8 ways rarely pays")
     shards = sizes["data"] * sizes["fsdp"]
     tokens = t.global_batch_size * t.seq_len / shards
     if sizes["fsdp"] > 1 and tokens < FSDP_MIN_TOKENS:
-        warnings.append(f"{tokens:,.0f} tokens per data-parallel shard per step, below the "
-                        f"~{FSDP_MIN_TOKENS:,} at which FSDP's weight gathers hide behind "
-                        f"compute: raise the global batch or shard less")
+        warnings.append(
+            f"{tokens:,.0f} tokens per data-parallel shard per step, below the "
+            f"~{FSDP_MIN_TOKENS:,} at which FSDP's weight gathers hide behind "
+            f"compute: raise the global batch or shard less"
+        )
     if program.stages.stages > 1 and program.stages.bubble > LARGE_BUBBLE:
-        warnings.append(f"pipeline bubble {100 * program.stages.bubble:.0f} %: raise "
-                        f"train.microbatches or train.pipeline_repeats")
+        warnings.append(
+            f"pipeline bubble {100 * program.stages.bubble:.0f} %: raise "
+            f"train.microbatches or train.pipeline_repeats"
+        )
     if program.stages.stages > 1 and sizes["fsdp"] > 1:
-        warnings.append("FSDP under a pipeline gathers each stage's weights every microbatch: "
-                        "prefer dp with train.zero1=true")
+        warnings.append(
+            "FSDP under a pipeline gathers each stage's weights every microbatch: "
+            "prefer dp with train.zero1=true"
+        )
     if fits_bytes is not None and fits_bytes > device.memory_gb * 1e9:
-        warnings.append(f"needs {fits_bytes / 1e9:.1f} GB per device, more than the "
-                        f"{device.memory_gb:g} GB of a {device.name}: shard more (fsdp, tp, pp, "
-                        f"zero1) or recompute activations (model.remat)")
+        warnings.append(
+            f"needs {fits_bytes / 1e9:.1f} GB per device, more than the "
+            f"{device.memory_gb:g} GB of a {device.name}: shard more (fsdp, tp, pp, "
+            f"zero1) or recompute activations (model.remat)"
+        )
     return warnings
 
 
-def make_plan(cfg, mesh, *, device, devices_per_node: int | None = None,
-              tokens: float | None = None, mfu: float = DEFAULT_MFU,
-              compile: bool = True) -> dict:
+def make_plan(
+    cfg,
+    mesh,
+    *,
+    device,
+    devices_per_node: int | None = None,
+    tokens: float | None = None,
+    mfu: float = DEFAULT_MFU,
+    compile: bool = True,
+) -> dict:
     from jaxlm import flops
     from jaxlm import mesh as mesh_lib
     from jaxlm.step import build_program
@@ -233,24 +283,36 @@ def make_plan(cfg, mesh, *, device, devices_per_node: int | None = None,
     tokens = tokens or 20 * counts["total"]
     days = flops.days_to_train(model_flops, tokens, n, device.peak_tflops, mfu)
     plan = {
-        "model": config_lib.to_dict(cfg)["model"], "mesh": mesh_lib.describe(dict(mesh.shape)), "devices": n,
-        "device": device.name, "params": counts["total"], "params_by_component": counts,
+        "model": config_lib.to_dict(cfg)["model"],
+        "mesh": mesh_lib.describe(dict(mesh.shape)),
+        "devices": n,
+        "device": device.name,
+        "params": counts["total"],
+        "params_by_component": counts,
         "flops_per_token": model_flops,
         "hardware_flops_per_token": flops.hardware_flops_per_token(cfg.model, seq, counts),
-        "bytes_per_device": memory, "tokens": tokens, "mfu": mfu, "days": days,
-        "energy_kwh_at_tdp": (days * 24 * n * device.tdp_watts / 1000
-                              if device.tdp_watts else None),
-        "micro_batch": program.micro_batch, "accumulation": program.accumulation,
+        "bytes_per_device": memory,
+        "tokens": tokens,
+        "mfu": mfu,
+        "days": days,
+        "energy_kwh_at_tdp": (
+            days * 24 * n * device.tdp_watts / 1000 if device.tdp_watts else None
+        ),
+        "micro_batch": program.micro_batch,
+        "accumulation": program.accumulation,
         "pipeline_bubble": program.stages.bubble if program.stages.stages > 1 else 0.0,
     }
     fits_bytes = memory["total"]
     if compile:
         step = compile_step(cfg, program)
         tokens_per_step = cfg.train.global_batch_size * seq
-        plan.update(xla_bytes_per_device=step.bytes_per_device, xla_memory=step.memory,
-                    xla_flops_per_token=step.flops_per_device * n / tokens_per_step,
-                    xla_collective_bytes_per_device=step.collective_bytes,
-                    compile_s=step.compile_s)
+        plan.update(
+            xla_bytes_per_device=step.bytes_per_device,
+            xla_memory=step.memory,
+            xla_flops_per_token=step.flops_per_device * n / tokens_per_step,
+            xla_collective_bytes_per_device=step.collective_bytes,
+            compile_s=step.compile_s,
+        )
         fits_bytes = step.bytes_per_device
     plan["fits"] = fits_bytes <= device.memory_gb * 1e9
     plan["warnings"] = layout_warnings(cfg, mesh, program, device, per_node, fits_bytes)
@@ -265,29 +327,40 @@ def render(plan: dict) -> str:
     c = plan["params_by_component"]
     b = plan["bytes_per_device"]
     lines = [
-        f"{plan['params']:,} parameters: " + ", ".join(
-            f"{k} {v:,}" for k, v in c.items() if k != "total" and v),
+        f"{plan['params']:,} parameters: "
+        + ", ".join(f"{k} {v:,}" for k, v in c.items() if k != "total" and v),
         f"mesh {plan['mesh']} on {plan['devices']} x {plan['device']} | micro batch "
         f"{plan['micro_batch']} x accumulation {plan['accumulation']}"
         + (f" | bubble {100 * plan['pipeline_bubble']:.1f} %" if plan["pipeline_bubble"] else ""),
         f"FLOPs per token: model {plan['flops_per_token']:.4g} (6N + attention), hardware "
         f"{plan['hardware_flops_per_token']:.4g} (with recomputation)"
-        + (f", XLA {plan['xla_flops_per_token']:.4g} (compiled matmuls; attention not "
-           f"causally halved)" if "xla_flops_per_token" in plan else ""),
-        "bytes per device: " + " + ".join(f"{k} {_gb(b[k])}" for k in
-                                          ("params", "grads", "optimizer", "activations"))
+        + (
+            f", XLA {plan['xla_flops_per_token']:.4g} (compiled matmuls; attention not "
+            f"causally halved)"
+            if "xla_flops_per_token" in plan
+            else ""
+        ),
+        "bytes per device: "
+        + " + ".join(f"{k} {_gb(b[k])}" for k in ("params", "grads", "optimizer", "activations"))
         + f" = {_gb(b['total'])} (activations estimated)",
     ]
     if "xla_bytes_per_device" in plan:
         m = plan["xla_memory"]
-        lines.append(f"XLA, compiled in {plan['compile_s']:.1f} s: {_gb(plan['xla_bytes_per_device'])}"
-                     f" per device (arguments {_gb(m['argument'])}, temporaries "
-                     f"{_gb(m['temp'])})")
+        lines.append(
+            f"XLA, compiled in {plan['compile_s']:.1f} s: {_gb(plan['xla_bytes_per_device'])}"
+            f" per device (arguments {_gb(m['argument'])}, temporaries "
+            f"{_gb(m['temp'])})"
+        )
     lines.append(f"{'fits' if plan['fits'] else 'does NOT fit'} in a {plan['device']}")
-    energy = (f", {plan['energy_kwh_at_tdp']:,.0f} kWh at board power"
-              if plan["energy_kwh_at_tdp"] else "")
-    lines.append(f"{plan['tokens']:.3g} tokens at MFU {plan['mfu']:.2f}: "
-                 f"{plan['days']:,.3g} days on {plan['devices']} devices{energy}")
+    energy = (
+        f", {plan['energy_kwh_at_tdp']:,.0f} kWh at board power"
+        if plan["energy_kwh_at_tdp"]
+        else ""
+    )
+    lines.append(
+        f"{plan['tokens']:.3g} tokens at MFU {plan['mfu']:.2f}: "
+        f"{plan['days']:,.3g} days on {plan['devices']} devices{energy}"
+    )
     lines += [f"warning: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
 
@@ -314,8 +387,15 @@ def main(argv=None) -> int:
 
     def body():
         cfg, mesh, device = load_target(args)
-        plan = make_plan(cfg, mesh, device=device, devices_per_node=args.devices_per_node,
-                         tokens=args.tokens, mfu=args.mfu, compile=not args.no_compile)
+        plan = make_plan(
+            cfg,
+            mesh,
+            device=device,
+            devices_per_node=args.devices_per_node,
+            tokens=args.tokens,
+            mfu=args.mfu,
+            compile=not args.no_compile,
+        )
         if args.json:
             print(json.dumps(plan))
         else:

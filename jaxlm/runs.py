@@ -48,24 +48,29 @@ def open_run(run_dir, step: int | None = None) -> Run:
     if not run_dir.is_dir():
         raise UsageError(f"the run directory {run_dir} does not exist")
     if not directory.is_dir():
-        raise UsageError(f"{run_dir} holds no checkpoints: train with --out {run_dir}, or "
-                         f"convert a model into it with python -m jaxlm.convert from-hf")
+        raise UsageError(
+            f"{run_dir} holds no checkpoints: train with --out {run_dir}, or "
+            f"convert a model into it with python -m jaxlm.convert from-hf"
+        )
     with quiet_orbax():
-        manager = ocp.CheckpointManager(directory,
-                                        options=ocp.CheckpointManagerOptions(read_only=True))
+        manager = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True)
+        )
     steps = sorted(manager.all_steps())
     if not steps:
         raise UsageError(f"{directory} holds no complete checkpoint")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise UsageError(f"{directory} has no checkpoint of step {step}; it has "
-                         f"{', '.join(map(str, steps))}")
+        raise UsageError(
+            f"{directory} has no checkpoint of step {step}; it has {', '.join(map(str, steps))}"
+        )
     try:
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     except Exception as e:  # an unreadable item: report the checkpoint, not a traceback
-        raise UsageError(f"cannot read the config of {directory / str(step)}: "
-                         f"{type(e).__name__}") from None
+        raise UsageError(
+            f"cannot read the config of {directory / str(step)}: {type(e).__name__}"
+        ) from None
     cfg = config_lib.from_dict(dict(saved["config"]))
     manager.close()
     return Run(run_dir, step, for_inference(cfg), cfg.train.pipeline_repeats)
@@ -74,8 +79,9 @@ def open_run(run_dir, step: int | None = None) -> Run:
 def for_inference(cfg: config_lib.Config) -> config_lib.Config:
     """The run's config with the training-only layout choices undone: no pipeline, no
     accumulation, no ZeRO-1 (they change how steps run, never what the model computes)."""
-    train = dataclasses.replace(cfg.train, pipeline_repeats=1, microbatches=None,
-                                micro_batch_size=None, zero1=False)
+    train = dataclasses.replace(
+        cfg.train, pipeline_repeats=1, microbatches=None, micro_batch_size=None, zero1=False
+    )
     return dataclasses.replace(cfg, train=train)
 
 
@@ -83,11 +89,15 @@ def check_mesh(cfg: config_lib.Config, mesh: Mesh, *, batch: int | None = None) 
     """The parameters must shard evenly on `mesh`, which has no pipeline axis; with `batch`,
     the batch must divide by the data-parallel size (else `batch=None`: rows replicated)."""
     if mesh.shape["pipeline"] > 1:
-        raise UsageError("generation, evaluation and conversion run the layers in one scan: "
-                         "leave pp out of --mesh (use tp, fsdp or dp)")
+        raise UsageError(
+            "generation, evaluation and conversion run the layers in one scan: "
+            "leave pp out of --mesh (use tp, fsdp or dp)"
+        )
     dp = sharding.data_parallel_size(mesh)
-    check = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, global_batch_size=batch if batch is not None else dp))
+    check = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, global_batch_size=batch if batch is not None else dp),
+    )
     sharding.check_layout(check, mesh, sharding.LayoutRules.from_config(check))
 
 
@@ -108,15 +118,18 @@ def load_params(run: Run, mesh: Mesh, spec: model_lib.ModelSpec | None = None):
     repeats = run.repeats
     saved = model_lib.describe(cfg.model, stages=model_lib.PipelineSpec(repeats=repeats))
     target = checkpoint.abstract_target(
-        saved.shapes, sharding.tree_shardings(mesh, saved.axes, sharding.RULES))
+        saved.shapes, sharding.tree_shardings(mesh, saved.axes, sharding.RULES)
+    )
     with quiet_orbax():
-        params = checkpoint.load_params(str(run.step_dir), target,
-                                        checkpoint.param_shapes(saved.shapes))
+        params = checkpoint.load_params(
+            str(run.step_dir), target, checkpoint.param_shapes(saved.shapes)
+        )
     if repeats > 1:
         shardings = sharding.tree_shardings(mesh, spec.axes, sharding.RULES)
-        params = jax.jit(lambda tree: jax.tree.map(lambda x, s: x.reshape(s.shape), tree,
-                                                   spec.shapes),
-                         out_shardings=shardings)(params)
+        params = jax.jit(
+            lambda tree: jax.tree.map(lambda x, s: x.reshape(s.shape), tree, spec.shapes),
+            out_shardings=shardings,
+        )(params)
     return params
 
 
@@ -133,8 +146,9 @@ def tokenizer_path(run: Run) -> pathlib.Path | None:
     if cfg.data.source == "stdlib":
         # the directory `jaxlm.data.stdlib.dataset` builds, looked up without building it
         version = f"py{sys.version_info.major}{sys.version_info.minor}"
-        candidates.append(stdlib.cache_dir() / f"stdlib-{version}-v{cfg.model.vocab_size}"
-                          / "tokenizer.model")
+        candidates.append(
+            stdlib.cache_dir() / f"stdlib-{version}-v{cfg.model.vocab_size}" / "tokenizer.model"
+        )
     elif cfg.data.source != "synthetic":
         candidates.append(pathlib.Path(cfg.data.source) / "tokenizer.model")
     return next((c for c in candidates if c.is_file()), None)

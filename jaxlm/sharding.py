@@ -84,13 +84,12 @@ def named(mesh: Mesh, names: tuple[str | None, ...], rules: Rules = RULES) -> Na
 
 def tree_shardings(mesh: Mesh, logical_axes, rules: Rules):
     """NamedShardings for a tree whose leaves are tuples of logical names."""
-    return jax.tree.map(
-        lambda names: named(mesh, names, rules), logical_axes, is_leaf=_is_axes
-    )
+    return jax.tree.map(lambda names: named(mesh, names, rules), logical_axes, is_leaf=_is_axes)
 
 
-def optimizer_shardings(mesh: Mesh, tx: optax.GradientTransformation, abstract_params,
-                        logical_axes, rules: Rules):
+def optimizer_shardings(
+    mesh: Mesh, tx: optax.GradientTransformation, abstract_params, logical_axes, rules: Rules
+):
     """Shardings for `tx`'s state: param-shaped parts follow the params, the rest replicated."""
     abstract_state = jax.eval_shape(tx.init, abstract_params)
     param_shardings = tree_shardings(mesh, logical_axes, rules)
@@ -135,7 +134,8 @@ class ActivationSharding:
         rules = dict(self.rules)
         return self.mesh is None or all(
             size % math.prod(self.mesh.shape[a] for a in (rules[n] if n else ())) == 0
-            for size, n in zip(shape, names))
+            for size, n in zip(shape, names, strict=True)
+        )
 
 
 # --- what must divide what ----------------------------------------------------------------------

@@ -48,7 +48,9 @@ class LossScale:
     def adjust(self, finite: jax.Array, period: int) -> "LossScale":
         grow = finite & (self.finite_steps + 1 >= period)
         value = jnp.where(finite, jnp.where(grow, self.value * 2, self.value), self.value / 2)
-        return LossScale(jnp.maximum(value, 1.0), jnp.where(finite & ~grow, self.finite_steps + 1, 0))
+        return LossScale(
+            jnp.maximum(value, 1.0), jnp.where(finite & ~grow, self.finite_steps + 1, 0)
+        )
 
 
 @struct.dataclass
@@ -100,12 +102,14 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
 
     def init(key):
         _, params = model_lib.build(cfg.model, key, shard, stages)
-        return TrainState(jnp.int32(0), jnp.int32(0), params, tx.init(params),
-                          LossScale.initial(cfg))
+        return TrainState(
+            jnp.int32(0), jnp.int32(0), params, tx.init(params), LossScale.initial(cfg)
+        )
 
     loss_fn = make_loss_fn(spec.graphdef)
-    step_fn = make_train_step(cfg, tx, loss_fn, accumulation, param_shardings, grad_shardings,
-                              batch_sharding)
+    step_fn = make_train_step(
+        cfg, tx, loss_fn, accumulation, param_shardings, grad_shardings, batch_sharding
+    )
     return Program(
         spec=spec,
         state_shardings=state_shardings,
@@ -155,8 +159,15 @@ def split_micro_batches(x, accumulation: int):
     return jnp.swapaxes(x, 0, 1)
 
 
-def make_train_step(cfg: Config, tx, loss_sums, accumulation: int, param_shardings,
-                    grad_shardings, batch_sharding: NamedSharding):
+def make_train_step(
+    cfg: Config,
+    tx,
+    loss_sums,
+    accumulation: int,
+    param_shardings,
+    grad_shardings,
+    batch_sharding: NamedSharding,
+):
     schedule = optim.schedule(cfg.train)
     float16 = cfg.model.compute_dtype == "float16"
     micro_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec))
@@ -199,10 +210,16 @@ def make_train_step(cfg: Config, tx, loss_sums, accumulation: int, param_shardin
         params = optax.apply_updates(state.params, updates)
         # A bad step keeps the old parameters and optimizer state (XLA fuses the select into the
         # update, so the good path pays nothing for it).
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(good, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
-        loss_scale = state.loss_scale.adjust(finite, cfg.train.loss_scale_period) if float16 \
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(good, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
+        loss_scale = (
+            state.loss_scale.adjust(finite, cfg.train.loss_scale_period)
+            if float16
             else state.loss_scale
+        )
         skipped = state.skipped + (~good).astype(jnp.int32)
         new_state = TrainState(state.step + 1, skipped, params, opt_state, loss_scale)
         metrics = {
@@ -229,15 +246,20 @@ def abstract_step_inputs(cfg: Config, program: Program):
     ahead of time (`program.train_step.lower(*inputs).compile()`) without allocating anything."""
     from jaxlm.checkpoint import abstract_target  # orbax: loaded only where compiled ahead
 
-    state = abstract_target(jax.eval_shape(program.init, jax.random.key(0)),
-                            program.state_shardings)
+    state = abstract_target(
+        jax.eval_shape(program.init, jax.random.key(0)), program.state_shardings
+    )
     rows = (cfg.train.global_batch_size, cfg.train.seq_len)
     keys = ["inputs", "targets", "weights"]
     if cfg.data.source != "synthetic" and not cfg.data.cross_document_attention:
         keys += ["positions", "segments"]  # packed documents, as the data pipeline gives them
-    batch = {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "weights" else jnp.int32,
-                                     sharding=program.batch_sharding) for k in keys}
-    limit = jax.ShapeDtypeStruct((), jnp.float32,
-                                 sharding=NamedSharding(program.batch_sharding.mesh,
-                                                        PartitionSpec()))
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            rows, jnp.float32 if k == "weights" else jnp.int32, sharding=program.batch_sharding
+        )
+        for k in keys
+    }
+    limit = jax.ShapeDtypeStruct(
+        (), jnp.float32, sharding=NamedSharding(program.batch_sharding.mesh, PartitionSpec())
+    )
     return state, batch, limit

@@ -1,6 +1,7 @@
 """`python -m jaxlm.train`: train a language model on a named device mesh.
 
-    python -m jaxlm.train [--config PRESET_OR_YAML] [--mesh SPEC_OR_PRESET] [--out DIR] [key=value ...]
+    python -m jaxlm.train [--config PRESET_OR_YAML] [--mesh SPEC_OR_PRESET] [--out DIR]
+                          [key=value ...]
 
 `main` runs the phases in order and nothing else:
 parse -> config -> mesh -> layout checks -> data -> state (init in its shards) -> loop -> outputs.
@@ -20,7 +21,6 @@ import math
 import os
 import pathlib
 import sys
-import time
 
 from jaxlm import config as config_lib
 from jaxlm.cli import run_command
@@ -32,15 +32,28 @@ log = logging.getLogger("jaxlm")
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="preset name in configs/ (e.g. tiny, gpt-124m) or a YAML file")
-    p.add_argument("--mesh", help="mesh spec such as dp=2,fsdp=2,tp=2 (one axis may be -1) "
-                                  "or a preset name in meshes/; default dp=-1 (all devices)")
-    p.add_argument("--out", type=pathlib.Path,
-                   help="run directory for metrics.jsonl, TensorBoard events and config.yaml "
-                        "(default: runs/PRESET)")
-    p.add_argument("--cpu-devices", type=int,
-                   help="on CPU, pretend to have this many devices (to try a mesh on a laptop)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides such as train.steps=100 model.n_layers=8")
+    p.add_argument(
+        "--mesh",
+        help="mesh spec such as dp=2,fsdp=2,tp=2 (one axis may be -1) "
+        "or a preset name in meshes/; default dp=-1 (all devices)",
+    )
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        help="run directory for metrics.jsonl, TensorBoard events and config.yaml "
+        "(default: runs/PRESET)",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        help="on CPU, pretend to have this many devices (to try a mesh on a laptop)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides such as train.steps=100 model.n_layers=8",
+    )
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
@@ -67,8 +80,9 @@ def main(argv=None) -> int:
     return run_command(body)
 
 
-def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
-        program=None) -> list[dict]:
+def run(
+    cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *, program=None
+) -> list[dict]:
     """Train `cfg` on `mesh`; return the metrics rows written by this call (one per step with
     `loss`, one per validation with `val_loss`).
 
@@ -101,8 +115,9 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
     checkpoints = checkpoint.Checkpoints(out_dir, cfg.checkpoint) if out_dir else None
 
     def restore():
-        target = checkpoint.abstract_target(jax.eval_shape(program.init, key),
-                                            program.state_shardings)
+        target = checkpoint.abstract_target(
+            jax.eval_shape(program.init, key), program.state_shardings
+        )
         return checkpoints.restore_latest(target, shapes)
 
     restored = restore() if checkpoints else None
@@ -113,14 +128,15 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
     else:
         state, start = program.init(key), 0
         if cfg.checkpoint.init_from:
-            target = checkpoint.abstract_target(program.spec.shapes,
-                                                program.state_shardings.params)
+            target = checkpoint.abstract_target(program.spec.shapes, program.state_shardings.params)
             state = state.replace(
-                params=checkpoint.load_params(cfg.checkpoint.init_from, target, shapes))
+                params=checkpoint.load_params(cfg.checkpoint.init_from, target, shapes)
+            )
 
     rows = []
-    metrics_log = metrics.MetricsLog(out_dir if main else None, resume_step=start,
-                                     tensorboard=cfg.log.tensorboard)
+    metrics_log = metrics.MetricsLog(
+        out_dir if main else None, resume_step=start, tensorboard=cfg.log.tensorboard
+    )
     step_accounting = _accounting(cfg, program, metrics_log.kept)
 
     def write(row, prefix="train"):
@@ -128,14 +144,25 @@ def run(cfg: config_lib.Config, mesh, out_dir: pathlib.Path | None = None, *,
         metrics_log.write(row, prefix=prefix)
 
     loop = Loop(
-        cfg=cfg, program=program, batches=batches, evaluate=evaluate, checkpoints=checkpoints,
+        cfg=cfg,
+        program=program,
+        batches=batches,
+        evaluate=evaluate,
+        checkpoints=checkpoints,
         write=write,
-        progress=metrics.ProgressReport(cfg.train.steps, every=cfg.log.every, first_step=start,
-                                        live=main),
-        stop=StopRequest(config_lib.parse_duration(cfg.train.time_limit)
-                         if cfg.train.time_limit else None),
-        metadata={"mesh": mesh_lib.describe(dict(mesh.shape)), "devices": mesh.devices.size,
-                  "param_shapes": shapes, "seed": cfg.train.seed, "data": cfg.data.source},
+        progress=metrics.ProgressReport(
+            cfg.train.steps, every=cfg.log.every, first_step=start, live=main
+        ),
+        stop=StopRequest(
+            config_lib.parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
+        ),
+        metadata={
+            "mesh": mesh_lib.describe(dict(mesh.shape)),
+            "devices": mesh.devices.size,
+            "param_shapes": shapes,
+            "seed": cfg.train.seed,
+            "data": cfg.data.source,
+        },
         restore=restore,
         accounting=step_accounting,
     )
@@ -159,8 +186,9 @@ class Evaluator:
 
         self.cfg, self.program = cfg, program
         self.every = cfg.train.eval_every
-        self._batches = lambda: data.make_batches(cfg, program.batch_sharding, split="val",
-                                                  directory=directory)
+        self._batches = lambda: data.make_batches(
+            cfg, program.batch_sharding, split="val", directory=directory
+        )
         self.count = cfg.train.eval_batches
         if self.every:
             try:
@@ -172,16 +200,18 @@ class Evaluator:
                 pass
 
     def due(self, step: int) -> bool:
-        return bool(self.every) and (step == 1 or step % self.every == 0
-                                     or step == self.cfg.train.steps)
+        return bool(self.every) and (
+            step == 1 or step % self.every == 0 or step == self.cfg.train.steps
+        )
 
     def __call__(self, state, step: int) -> dict:
         import jax
 
         batches = self._batches()
         sums = [self.program.eval_step(state, next(batches)) for _ in range(self.count)]
-        loss_sum, tokens = (sum(float(jax.device_get(s[k])) for s in sums)
-                            for k in ("loss_sum", "tokens"))
+        loss_sum, tokens = (
+            sum(float(jax.device_get(s[k])) for s in sums) for k in ("loss_sum", "tokens")
+        )
         loss = loss_sum / tokens
         log.info("step %d | validation loss %.4f | perplexity %.1f", step, loss, math.exp(loss))
         return {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
@@ -196,20 +226,30 @@ def _accounting(cfg, program, previous_rows):
     per_token = flops.model_flops_per_token_of(cfg, program.spec.shapes)
     peak, source = hardware.peak_tflops(cfg.train.peak_tflops, cfg.model.compute_dtype)
     if peak:
-        log.info("MFU against %.4g TFLOP/s per device (%s); model FLOPs per token %.4g "
-                 "(6N + causal attention, jaxlm/flops.py)", peak, source, per_token)
+        log.info(
+            "MFU against %.4g TFLOP/s per device (%s); model FLOPs per token %.4g "
+            "(6N + causal attention, jaxlm/flops.py)",
+            peak,
+            source,
+            per_token,
+        )
     else:
         log.info("no MFU: %s", source)
-    meter, why = energy.open_meter(jax.local_devices()) if cfg.log.energy \
-        else (None, "log.energy=false")
+    meter, why = (
+        energy.open_meter(jax.local_devices()) if cfg.log.energy else (None, "log.energy=false")
+    )
     if meter:
-        log.info("energy from %s%s", meter.source,
-                 f", x {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        log.info(
+            "energy from %s%s",
+            meter.source,
+            f", x {jax.process_count()} processes" if jax.process_count() > 1 else "",
+        )
     else:
         log.info("energy not measured: %s", why)
     kwh, tokens = accounting.resume_totals(previous_rows)
-    return accounting.StepAccounting(per_token, peak, meter, jax.process_count(),
-                                     cfg.log.carbon_intensity, kwh, tokens)
+    return accounting.StepAccounting(
+        per_token, peak, meter, jax.process_count(), cfg.log.carbon_intensity, kwh, tokens
+    )
 
 
 def _log_start(cfg, mesh, program) -> None:
@@ -222,16 +262,29 @@ def _log_start(cfg, mesh, program) -> None:
     log.info(
         "jaxlm | %s parameters | mesh %s on %d %s devices | batch %d = micro %d x accum %d x "
         "replicas %d | %d tokens/step | %s compute | data %s",
-        f"{param_count(program.spec.shapes):,}", mesh_lib.describe(dict(mesh.shape)),
-        mesh.devices.size, jax.devices()[0].platform, t.global_batch_size, program.micro_batch,
-        program.accumulation, t.global_batch_size // (program.micro_batch * program.accumulation),
-        t.global_batch_size * t.seq_len, cfg.model.compute_dtype, cfg.data.source,
+        f"{param_count(program.spec.shapes):,}",
+        mesh_lib.describe(dict(mesh.shape)),
+        mesh.devices.size,
+        jax.devices()[0].platform,
+        t.global_batch_size,
+        program.micro_batch,
+        program.accumulation,
+        t.global_batch_size // (program.micro_batch * program.accumulation),
+        t.global_batch_size * t.seq_len,
+        cfg.model.compute_dtype,
+        cfg.data.source,
     )
     p = program.stages
     if p.stages > 1:
-        log.info("pipeline | %d stages x %d repeats, %d layers each | %d microbatches per "
-                 "forward pass | bubble %.1f %% = (S-1)/(R*M+S-1)", p.stages, p.repeats,
-                 cfg.model.n_layers // (p.stages * p.repeats), p.microbatches, 100 * p.bubble)
+        log.info(
+            "pipeline | %d stages x %d repeats, %d layers each | %d microbatches per "
+            "forward pass | bubble %.1f %% = (S-1)/(R*M+S-1)",
+            p.stages,
+            p.repeats,
+            cfg.model.n_layers // (p.stages * p.repeats),
+            p.microbatches,
+            100 * p.bubble,
+        )
 
 
 def _prepare_out_dir(out_dir: pathlib.Path | None, cfg, *, write_config: bool = True):

@@ -42,12 +42,12 @@ REMAT_ORDER = ("none", "save_dots", "full")  # cheapest first
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.tune", description=__doc__.split("\n")[0])
     plan_lib.add_target_args(p)
-    p.add_argument("--device-memory", type=float,
-                   help="GB per device (default: the device kind's)")
+    p.add_argument("--device-memory", type=float, help="GB per device (default: the device kind's)")
     p.add_argument("--max-trials", type=int, default=12, help="layouts compiled (default 12)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout when measuring")
-    p.add_argument("--measure", action="store_true",
-                   help="time steps on this machine's devices even on CPU")
+    p.add_argument(
+        "--measure", action="store_true", help="time steps on this machine's devices even on CPU"
+    )
     p.add_argument("--json", action="store_true", help="print the ranked layouts as JSON")
     args = p.parse_intermixed_args(argv)
     if not args.devices:
@@ -140,22 +140,38 @@ def groups(cfg, sizes: dict[str, int], device_list) -> list[Group]:
     if cfg.train.global_batch_size % dp:
         return []
     per_replica = cfg.train.global_batch_size // dp
-    micro_batches = [per_replica // 2**k for k in range(int(math.log2(per_replica)) + 1)
-                     if per_replica % 2**k == 0]
+    micro_batches = [
+        per_replica // 2**k
+        for k in range(int(math.log2(per_replica)) + 1)
+        if per_replica % 2**k == 0
+    ]
     pp = sizes["pipeline"]
     micro_batches = [b for b in micro_batches if pp == 1 or b % pp == 0]
     out = []
-    for zero1 in ((False, True) if sizes["data"] > 1 and sizes["fsdp"] == 1 else (False,)):
-        built = micro_batches and candidate(cfg, Layout(sizes, "none", zero1, micro_batches[0]),
-                                            device_list)
+    for zero1 in (False, True) if sizes["data"] > 1 and sizes["fsdp"] == 1 else (False,):
+        built = micro_batches and candidate(
+            cfg, Layout(sizes, "none", zero1, micro_batches[0]), device_list
+        )
         if not built:
             continue
         c, mesh, program = built
         state = sum(plan_lib.state_bytes(c, program).values())
-        variants = [(remat, micro, state + plan_lib.estimate_activation_bytes(
-                        dataclasses.replace(c, model=dataclasses.replace(c.model, remat=remat)),
-                        micro, pp, sizes["tensor"], micro if pp > 1 else 1))
-                    for remat in REMAT_ORDER for micro in micro_batches]
+        variants = [
+            (
+                remat,
+                micro,
+                state
+                + plan_lib.estimate_activation_bytes(
+                    dataclasses.replace(c, model=dataclasses.replace(c.model, remat=remat)),
+                    micro,
+                    pp,
+                    sizes["tensor"],
+                    micro if pp > 1 else 1,
+                ),
+            )
+            for remat in REMAT_ORDER
+            for micro in micro_batches
+        ]
         out.append(Group(sizes, zero1, state, variants))
     return out
 
@@ -166,8 +182,12 @@ def arithmetic_seconds(c, program, devices: int, device) -> float:
 
     counts = flops.params_by_component(program.spec.shapes)
     per_token = flops.hardware_flops_per_token(c.model, c.train.seq_len, counts)
-    seconds = per_token * c.train.global_batch_size * c.train.seq_len / (
-        devices * device.peak_tflops * 1e12)
+    seconds = (
+        per_token
+        * c.train.global_batch_size
+        * c.train.seq_len
+        / (devices * device.peak_tflops * 1e12)
+    )
     return seconds / (1 - program.stages.bubble) if program.stages.stages > 1 else seconds
 
 
@@ -200,8 +220,17 @@ def measured_seconds(c, program, compiled, steps: int, warmup: int = 1) -> float
     return (time.perf_counter() - start) / steps
 
 
-def search(cfg, device_list, *, device, per_node: int, memory_gb: float, max_trials: int,
-           measure: bool, steps: int = 5) -> dict:
+def search(
+    cfg,
+    device_list,
+    *,
+    device,
+    per_node: int,
+    memory_gb: float,
+    max_trials: int,
+    measure: bool,
+    steps: int = 5,
+) -> dict:
     """Best first: compile the layout the arithmetic thinks fastest; when XLA's memory says it
     does not fit, its group moves on to the next variant that fits. Each such compile also
     calibrates the activation estimate of its recomputation policy for every group (compiled
@@ -233,10 +262,17 @@ def search(cfg, device_list, *, device, per_node: int, memory_gb: float, max_tri
     for group in all_groups:
         push(group)
     if not queue:
-        raise UsageError(f"no layout of {cfg.model.n_layers} layers on {n} devices fits "
-                         f"{memory_gb:g} GB per device by the arithmetic estimate")
-    log.info("%d meshes, %d layouts (mesh x ZeRO-1) with a variant that fits the estimate; "
-             "compiling up to %d", len(shapes), len(queue), max_trials)
+        raise UsageError(
+            f"no layout of {cfg.model.n_layers} layers on {n} devices fits "
+            f"{memory_gb:g} GB per device by the arithmetic estimate"
+        )
+    log.info(
+        "%d meshes, %d layouts (mesh x ZeRO-1) with a variant that fits the estimate; "
+        "compiling up to %d",
+        len(shapes),
+        len(queue),
+        max_trials,
+    )
     results = []
     while queue and len(results) < max_trials:
         queue.sort(key=lambda q: q[:2])
@@ -248,14 +284,24 @@ def search(cfg, device_list, *, device, per_node: int, memory_gb: float, max_tri
         group.tried = i
         layout = Layout(group.sizes, remat, group.zero1, micro)
         step = plan_lib.compile_step(c, program)
-        row = {"mesh": layout.mesh, "micro_batch": program.micro_batch,
-               "accumulation": program.accumulation, "remat": remat, "zero1": group.zero1,
-               "estimated_bytes": estimate, "xla_bytes": step.bytes_per_device,
-               "compile_s": step.compile_s, "command": layout.command(),
-               "fits": step.bytes_per_device <= limit}
+        row = {
+            "mesh": layout.mesh,
+            "micro_batch": program.micro_batch,
+            "accumulation": program.accumulation,
+            "remat": remat,
+            "zero1": group.zero1,
+            "estimated_bytes": estimate,
+            "xla_bytes": step.bytes_per_device,
+            "compile_s": step.compile_s,
+            "command": layout.command(),
+            "fits": step.bytes_per_device <= limit,
+        }
         if row["fits"]:
-            seconds = (measured_seconds(c, program, step.executable, steps) if measure
-                       else compiled_seconds(step, layout.sizes, device, per_node))
+            seconds = (
+                measured_seconds(c, program, step.executable, steps)
+                if measure
+                else compiled_seconds(step, layout.sizes, device, per_node)
+            )
             per_token = flops.model_flops_per_token_of(c, program.spec.shapes)
             tokens = c.train.global_batch_size * c.train.seq_len
             row.update(step_s=seconds, tokens_per_s_per_device=tokens / seconds / n)
@@ -263,33 +309,50 @@ def search(cfg, device_list, *, device, per_node: int, memory_gb: float, max_tri
         else:
             scale[remat] = max(scale.get(remat, 1.0), step.bytes_per_device / estimate)
             push(group)
-        log.info("  %-22s micro %3d x accum %3d  remat %-9s zero1 %-5s  %s", row["mesh"],
-                 row["micro_batch"], row["accumulation"], remat, group.zero1,
-                 f"{row['step_s']:.4g} s/step" if row["fits"] else
-                 f"does not fit ({row['xla_bytes'] / 1e9:.1f} GB compiled)")
+        log.info(
+            "  %-22s micro %3d x accum %3d  remat %-9s zero1 %-5s  %s",
+            row["mesh"],
+            row["micro_batch"],
+            row["accumulation"],
+            remat,
+            group.zero1,
+            f"{row['step_s']:.4g} s/step"
+            if row["fits"]
+            else f"does not fit ({row['xla_bytes'] / 1e9:.1f} GB compiled)",
+        )
         results.append(row)
     ranked = sorted((r for r in results if r["fits"]), key=lambda r: r["step_s"])
     return {
-        "devices": n, "device": device.name, "memory_gb": memory_gb,
-        "ranked_by": ("measured steps" if measure else
-                      "compiled cost: matmul FLOPs at peak + collective bytes over the links "
-                      "(CPU: no step timed)"),
-        "layouts": ranked, "rejected": [r for r in results if not r["fits"]],
+        "devices": n,
+        "device": device.name,
+        "memory_gb": memory_gb,
+        "ranked_by": (
+            "measured steps"
+            if measure
+            else "compiled cost: matmul FLOPs at peak + collective bytes over the links "
+            "(CPU: no step timed)"
+        ),
+        "layouts": ranked,
+        "rejected": [r for r in results if not r["fits"]],
         "best": ranked[0]["command"] if ranked else None,
         "seconds": time.perf_counter() - start,
     }
 
 
 def render(result: dict) -> str:
-    lines = [f"{len(result['layouts'])} layouts on {result['devices']} x {result['device']} "
-             f"({result['memory_gb']:g} GB), ranked by {result['ranked_by']}:",
-             f"{'#':>3} {'mesh':<26} {'micro':>5} {'accum':>5} {'remat':<9} {'zero1':<5} "
-             f"{'GB (XLA)':>8} {'s/step':>9} {'tok/s/dev':>10} {'MFU':>6}"]
+    lines = [
+        f"{len(result['layouts'])} layouts on {result['devices']} x {result['device']} "
+        f"({result['memory_gb']:g} GB), ranked by {result['ranked_by']}:",
+        f"{'#':>3} {'mesh':<26} {'micro':>5} {'accum':>5} {'remat':<9} {'zero1':<5} "
+        f"{'GB (XLA)':>8} {'s/step':>9} {'tok/s/dev':>10} {'MFU':>6}",
+    ]
     for i, r in enumerate(result["layouts"], 1):
-        lines.append(f"{i:>3} {r['mesh']:<26} {r['micro_batch']:>5} {r['accumulation']:>5} "
-                     f"{r['remat']:<9} {str(r['zero1']):<5} {r['xla_bytes'] / 1e9:>8.2f} "
-                     f"{r['step_s']:>9.4g} {r['tokens_per_s_per_device']:>10,.0f} "
-                     f"{r['mfu']:>6.3f}")
+        lines.append(
+            f"{i:>3} {r['mesh']:<26} {r['micro_batch']:>5} {r['accumulation']:>5} "
+            f"{r['remat']:<9} {str(r['zero1']):<5} {r['xla_bytes'] / 1e9:>8.2f} "
+            f"{r['step_s']:>9.4g} {r['tokens_per_s_per_device']:>10,.0f} "
+            f"{r['mfu']:>6.3f}"
+        )
     if result["best"]:
         lines.append(f"best: {result['best']}")
     lines.append(f"searched in {result['seconds']:.0f} s")
@@ -313,17 +376,25 @@ def main(argv=None) -> int:
         if accelerated:
             device_list = jax.devices()
             if len(device_list) != args.devices:
-                raise UsageError(f"--devices {args.devices} but this machine has "
-                                 f"{len(device_list)} {jax.default_backend()} devices")
+                raise UsageError(
+                    f"--devices {args.devices} but this machine has "
+                    f"{len(device_list)} {jax.default_backend()} devices"
+                )
             if args.device_kind == plan_lib.DEFAULT_DEVICE:  # the devices at hand, not h100
                 device = plan_lib.target_device(device_list[0].device_kind)
         else:
             plan_lib.use_fake_cpu_devices(args.devices)
-            device_list = jax.devices()[:args.devices]
-        result = search(cfg, device_list, device=device,
-                        per_node=args.devices_per_node or device.per_node,
-                        memory_gb=args.device_memory or device.memory_gb,
-                        max_trials=args.max_trials, measure=measure, steps=args.steps)
+            device_list = jax.devices()[: args.devices]
+        result = search(
+            cfg,
+            device_list,
+            device=device,
+            per_node=args.devices_per_node or device.per_node,
+            memory_gb=args.device_memory or device.memory_gb,
+            max_trials=args.max_trials,
+            measure=measure,
+            steps=args.steps,
+        )
         print(json.dumps(result)) if args.json else log.info("%s", render(result))
 
     return run_command(body)

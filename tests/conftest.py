@@ -20,8 +20,9 @@ def tiny_cfg():
     """The tiny preset in float32 on synthetic data, so layouts can be compared to 1e-5."""
 
     def make(*overrides: str) -> config_lib.Config:
-        return config_lib.load("tiny", ["model.compute_dtype=float32", "data.source=synthetic",
-                                        *overrides])
+        return config_lib.load(
+            "tiny", ["model.compute_dtype=float32", "data.source=synthetic", *overrides]
+        )
 
     return make
 

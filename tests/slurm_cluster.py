@@ -74,8 +74,9 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         subprocess.run(["slurmd"], env=self.env, check=True)
         deadline = time.time() + 30
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env,
-                                   capture_output=True, text=True).stdout.strip()
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True
+            ).stdout.strip()
             if state == "idle":
                 return
             time.sleep(0.5)
@@ -100,13 +101,23 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                     pass
 
     def sbatch(self, *args: str, env: dict, cwd: pathlib.Path) -> int:
-        result = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **env},
-                                cwd=cwd, capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            env={**self.env, **env},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return int(result.stdout.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict:
-        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], env=self.env,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job_id)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        ).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
     def signal(self, job_id: int, name: str) -> None:

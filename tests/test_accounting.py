@@ -47,12 +47,15 @@ def tiny_flops_per_token_by_hand() -> float:
 
 def test_flops_per_token_matches_the_hand_count():
     cfg, c = counts("tiny")
-    assert flops.model_flops_per_token(cfg.model, cfg.train.seq_len, c) == \
-        tiny_flops_per_token_by_hand()
+    assert (
+        flops.model_flops_per_token(cfg.model, cfg.train.seq_len, c)
+        == tiny_flops_per_token_by_hand()
+    )
     full = config_lib.load("tiny", ["model.remat=full"])
     extra = 2 * (c["attention"] + c["mlp"]) + 2 * 2 * 32 * 64
-    assert flops.hardware_flops_per_token(full.model, 32, c) == tiny_flops_per_token_by_hand() \
-        + extra
+    assert (
+        flops.hardware_flops_per_token(full.model, 32, c) == tiny_flops_per_token_by_hand() + extra
+    )
 
 
 def test_the_mfu_of_a_run_is_model_flops_times_tokens_per_second_over_peak(tiny_cfg):
@@ -67,8 +70,9 @@ def test_the_mfu_of_a_run_is_model_flops_times_tokens_per_second_over_peak(tiny_
 
 
 def test_on_cpu_the_peak_is_a_measured_matmul(tiny_cfg):
-    rows = train_rows(train.run(tiny_cfg("train.steps=2", "train.eval_every=0"),
-                                mesh.make_mesh("dp=8")))
+    rows = train_rows(
+        train.run(tiny_cfg("train.steps=2", "train.eval_every=0"), mesh.make_mesh("dp=8"))
+    )
     assert all(0 < row["mfu"] for row in rows)
 
 
@@ -94,12 +98,15 @@ def test_energy_per_step_total_kwh_tokens_per_kwh_and_co2(tiny_cfg, monkeypatch)
     cfg = tiny_cfg("train.steps=5", "train.eval_every=0", "log.carbon_intensity=0.4")
     rows = train_rows(train.run(cfg, mesh.make_mesh("dp=8")))
     tokens = 0.0
-    for before, row in zip([None] + rows, rows):
+    for before, row in zip([None] + rows, rows, strict=False):
         tokens += row["tokens"]
         # the meter read where the step's time was taken: a difference of two readings, and
         # 100 W over the step time (up to the moment between reading the clock and the meter)
-        assert any(row["energy_j"] == pytest.approx(b - a, abs=1e-9)
-                   for i, a in enumerate(meter.readings) for b in meter.readings[i + 1:])
+        assert any(
+            row["energy_j"] == pytest.approx(b - a, abs=1e-9)
+            for i, a in enumerate(meter.readings)
+            for b in meter.readings[i + 1 :]
+        )
         assert row["energy_j"] == pytest.approx(100.0 * row["step_time_s"], rel=0.05, abs=0.05)
         assert row["tokens_per_kwh"] == pytest.approx(tokens / row["energy_kwh"])
         assert row["co2_kg"] == pytest.approx(0.4 * row["energy_kwh"])
@@ -108,8 +115,12 @@ def test_energy_per_step_total_kwh_tokens_per_kwh_and_co2(tiny_cfg, monkeypatch)
 
 
 def test_without_a_meter_no_energy_is_logged(tiny_cfg):
-    rows = train_rows(train.run(tiny_cfg("train.steps=2", "train.eval_every=0", "log.energy=false"),
-                                mesh.make_mesh("dp=8")))
+    rows = train_rows(
+        train.run(
+            tiny_cfg("train.steps=2", "train.eval_every=0", "log.energy=false"),
+            mesh.make_mesh("dp=8"),
+        )
+    )
     assert not any("energy_j" in row for row in rows)
 
 
@@ -155,9 +166,14 @@ def test_gpus_without_pynvml_are_sampled_through_nvidia_smi(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # not installed
-    gpus = [types.SimpleNamespace(platform="gpu", local_hardware_id=i,
-                                  client=types.SimpleNamespace(platform_version="cuda 12.8"))
-            for i in (0, 1)]
+    gpus = [
+        types.SimpleNamespace(
+            platform="gpu",
+            local_hardware_id=i,
+            client=types.SimpleNamespace(platform_version="cuda 12.8"),
+        )
+        for i in (0, 1)
+    ]
     meter, why = energy.open_meter(gpus)
     try:
         assert meter.source == "nvidia-smi"
@@ -175,8 +191,10 @@ def test_bad_accounting_settings_exit_2():
 def test_a_resumed_run_carries_its_energy_and_tokens_on():
     from jaxlm.accounting import resume_totals
 
-    kept = [{"step": 1, "tokens": 10.0, "energy_kwh": 1.0},
-            {"step": 1, "val_loss": 3.0},
-            {"step": 2, "tokens": 10.0, "energy_kwh": 2.5}]
+    kept = [
+        {"step": 1, "tokens": 10.0, "energy_kwh": 1.0},
+        {"step": 1, "val_loss": 3.0},
+        {"step": 2, "tokens": 10.0, "energy_kwh": 2.5},
+    ]
     assert resume_totals(kept) == (2.5, 20.0)
     assert resume_totals([{"step": 1, "tokens": 10.0}]) == (0.0, 0)  # measured nothing before

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import train_rows
-from jaxlm import checkpoint
+from jaxlm import checkpoint, train
 from jaxlm import mesh as mesh_lib
-from jaxlm import train
 from jaxlm.errors import EXIT_PREEMPTED
 from jaxlm.step import build_program
 
@@ -25,8 +24,18 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
 
 
 def command(out, *args):
-    return [sys.executable, "-m", "jaxlm.train", "--config", "tiny", "--mesh", "dp=2",
-            "--out", str(out), *args]
+    return [
+        sys.executable,
+        "-m",
+        "jaxlm.train",
+        "--config",
+        "tiny",
+        "--mesh",
+        "dp=2",
+        "--out",
+        str(out),
+        *args,
+    ]
 
 
 def rows_of(out):
@@ -51,26 +60,33 @@ def wait_for_step(out, process, step, timeout=240):
 def test_kill_9_and_rerun_logs_the_same_losses_bit_for_bit(tmp_path):
     """Real data (the default corpus), CPU, fixed seed: the restarted run is indistinguishable."""
     args = ("train.steps=30", "checkpoint.every=4", "train.eval_every=10")
-    reference = subprocess.run(command(tmp_path / "a", *args), env=ENV, capture_output=True,
-                               text=True, timeout=600)
+    reference = subprocess.run(
+        command(tmp_path / "a", *args), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert reference.returncode == 0, reference.stderr
 
     kill_at = random.Random().randint(6, 24)
-    process = subprocess.Popen(command(tmp_path / "b", *args), env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(tmp_path / "b", *args),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed_after = wait_for_step(tmp_path / "b", process, kill_at)
     process.kill()  # SIGKILL: no chance to save anything
     process.wait()
     assert killed_after < 30
-    rerun = subprocess.run(command(tmp_path / "b", *args), env=ENV, capture_output=True,
-                           text=True, timeout=600)
+    rerun = subprocess.run(
+        command(tmp_path / "b", *args), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed from the checkpoint of step" in rerun.stdout
 
     expected, got = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
     keys = ("step", "loss", "grad_norm", "lr", "val_loss")
-    assert [{k: r[k] for k in keys if k in r} for r in got] == \
-           [{k: r[k] for k in keys if k in r} for r in expected]
+    assert [{k: r[k] for k in keys if k in r} for r in got] == [
+        {k: r[k] for k in keys if k in r} for r in expected
+    ]
 
 
 @pytest.mark.parametrize("spec, devices", [("fsdp=4,tp=2", 8), ("dp=2,tp=2", 4)])
@@ -86,19 +102,21 @@ def test_save_on_dp8_restore_and_continue_on_another_mesh(tiny_cfg, tmp_path, sp
     assert restored.step == saved.step == 6
     q_proj = restored.state.params["layers"]["attn"]["q_proj"]
     assert q_proj.sharding.mesh.devices.size == devices
-    for a, b in zip(jax.tree.leaves(saved.state), jax.tree.leaves(restored.state)):
+    for a, b in zip(jax.tree.leaves(saved.state), jax.tree.leaves(restored.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     continued = train_rows(train.run(cfg, other, tmp_path))
     assert [r["step"] for r in continued] == [7, 8, 9, 10]
-    np.testing.assert_allclose([r["loss"] for r in continued],
-                               [r["loss"] for r in uninterrupted[6:]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["loss"] for r in continued], [r["loss"] for r in uninterrupted[6:]], rtol=1e-5
+    )
 
 
 def _restore(cfg, mesh, out):
     program = build_program(cfg, mesh)
-    target = checkpoint.abstract_target(jax.eval_shape(program.init, jax.random.key(0)),
-                                        program.state_shardings)
+    target = checkpoint.abstract_target(
+        jax.eval_shape(program.init, jax.random.key(0)), program.state_shardings
+    )
     ckpts = checkpoint.Checkpoints(out, cfg.checkpoint)
     try:
         return ckpts.restore_latest(target, checkpoint.param_shapes(program.spec.shapes))
@@ -108,9 +126,13 @@ def _restore(cfg, mesh, out):
 
 def test_sigterm_saves_the_current_step_and_exits_75_within_30_s(tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(command(out, "train.steps=100000", "checkpoint.every=0",
-                                       "train.eval_every=0"),
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(out, "train.steps=100000", "checkpoint.every=0", "train.eval_every=0"),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(out, process, 5)
     process.send_signal(signal.SIGTERM)
     start = time.time()
@@ -124,9 +146,19 @@ def test_sigterm_saves_the_current_step_and_exits_75_within_30_s(tmp_path):
 
 def test_time_limit_saves_and_exits_75(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(command(out, "train.steps=100000", "checkpoint.every=0",
-                                    "train.time_limit=00:00:05", "train.eval_every=0"),
-                            env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        command(
+            out,
+            "train.steps=100000",
+            "checkpoint.every=0",
+            "train.time_limit=00:00:05",
+            "train.eval_every=0",
+        ),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == EXIT_PREEMPTED, result.stderr
     last = [r["step"] for r in rows_of(out) if "loss" in r][-1]
     assert (out / "checkpoints" / str(last)).is_dir()
@@ -134,8 +166,9 @@ def test_time_limit_saves_and_exits_75(tmp_path):
 
 
 def test_a_nan_step_is_skipped_and_the_run_finishes(tiny_cfg):
-    rows = train_rows(train.run(tiny_cfg("train.steps=8", "debug.nan_at_step=4"),
-                                mesh_lib.make_mesh("dp=8")))
+    rows = train_rows(
+        train.run(tiny_cfg("train.steps=8", "debug.nan_at_step=4"), mesh_lib.make_mesh("dp=8"))
+    )
     assert [r["skipped"] for r in rows] == [0, 0, 0, 1, 0, 0, 0, 0]
     assert np.isnan(rows[3]["loss"]) and rows[-1]["skipped_steps"] == 1
     assert np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] < rows[0]["loss"]
@@ -144,8 +177,14 @@ def test_a_nan_step_is_skipped_and_the_run_finishes(tiny_cfg):
 
 
 def test_bad_steps_in_a_row_roll_back_and_skip_the_data(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("train.steps=16", "checkpoint.every=5", "train.max_bad_steps=3",
-                   "debug.nan_at_step=8", "debug.nan_steps=3", "train.eval_every=0")
+    cfg = tiny_cfg(
+        "train.steps=16",
+        "checkpoint.every=5",
+        "train.max_bad_steps=3",
+        "debug.nan_at_step=8",
+        "debug.nan_steps=3",
+        "train.eval_every=0",
+    )
     rows = train.run(cfg, mesh_lib.make_mesh("dp=8"), tmp_path)
     events = [r for r in rows if "rolled_back_to" in r]
     # batches 8, 9, 10 are bad; the third in a row (step 10) rolls back to step 5, the last
@@ -169,20 +208,35 @@ def test_a_loss_spike_is_skipped():
     assert bad.in_a_row == 1 and 3.03 < bad.loss_limit() < 3.06  # spikes stay out of the window
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda d: next(p for p in sorted((d / "state").rglob("*")) if p.is_file()
-                    and p.stat().st_size > 1000).write_bytes(b"garbage"), "Error"),
-    (lambda d: (d / "commit_success.txt").unlink(), "no commit marker"),
-    (lambda d: shutil.rmtree(d / "data"), "missing data"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (
+            lambda d: next(
+                p
+                for p in sorted((d / "state").rglob("*"))
+                if p.is_file() and p.stat().st_size > 1000
+            ).write_bytes(b"garbage"),
+            "Error",
+        ),
+        (lambda d: (d / "commit_success.txt").unlink(), "no commit marker"),
+        (lambda d: shutil.rmtree(d / "data"), "missing data"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage, reason):
     args = ("train.steps=10", "checkpoint.every=5", "train.eval_every=0")
-    first = subprocess.run(command(tmp_path, *args), env=ENV, capture_output=True, text=True,
-                           timeout=300)
+    first = subprocess.run(
+        command(tmp_path, *args), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 0, first.stderr
     damage(tmp_path / "checkpoints" / "10")
-    result = subprocess.run(command(tmp_path, "train.steps=12", *args[1:]), env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command(tmp_path, "train.steps=12", *args[1:]),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "checkpoint" in result.stdout and "incomplete or corrupt" in result.stdout
     assert reason in result.stdout
@@ -193,10 +247,19 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage,
 
 def test_a_checkpoint_of_another_model_exits_2_naming_the_parameters(tmp_path):
     args = ("train.steps=2", "train.eval_every=0")
-    assert subprocess.run(command(tmp_path, *args), env=ENV, capture_output=True,
-                          timeout=300).returncode == 0
-    result = subprocess.run(command(tmp_path, *args, "model.d_ff=256"), env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    assert (
+        subprocess.run(
+            command(tmp_path, *args), env=ENV, capture_output=True, timeout=300
+        ).returncode
+        == 0
+    )
+    result = subprocess.run(
+        command(tmp_path, *args, "model.d_ff=256"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "is of a model with other shapes" in result.stderr
     assert "layers/mlp/up_proj [2, 64, 128] there, [2, 64, 256] here" in result.stderr
@@ -205,8 +268,13 @@ def test_a_checkpoint_of_another_model_exits_2_naming_the_parameters(tmp_path):
 def test_an_unwritable_run_directory_exits_2_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = subprocess.run(command(blocker / "run", "train.steps=2"), env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command(blocker / "run", "train.steps=2"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "cannot write to the run directory" in result.stderr
     assert "compiled" not in result.stdout
@@ -216,9 +284,11 @@ def test_init_from_takes_another_runs_parameters_only(tiny_cfg, tmp_path):
     mesh = mesh_lib.make_mesh("dp=8")
     first = train.run(tiny_cfg("train.steps=3"), mesh, tmp_path / "a")
     # lr 0: the second run's parameters stay what it started from
-    second = train.run(tiny_cfg("train.steps=1", "train.lr=0",
-                                f"checkpoint.init_from={tmp_path / 'a'}"),
-                       mesh_lib.make_mesh("fsdp=4,tp=2"), tmp_path / "b")
+    second = train.run(
+        tiny_cfg("train.steps=1", "train.lr=0", f"checkpoint.init_from={tmp_path / 'a'}"),
+        mesh_lib.make_mesh("fsdp=4,tp=2"),
+        tmp_path / "b",
+    )
     val = lambda rows: [r["val_loss"] for r in rows if "val_loss" in r]  # noqa: E731
     assert val(second)[0] == pytest.approx(val(first)[-1], rel=1e-6)
     assert train_rows(second)[0]["lr"] == 0  # and its own schedule and optimizer, from step 1

@@ -13,23 +13,43 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
 
 
 def train(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "jaxlm.train", *args], capture_output=True,
-                          text=True, env=ENV, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.train", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_a_run_writes_metrics_tensorboard_and_its_config(tmp_path):
     """The tiny preset on the default corpus (the standard library, built into the cache)."""
     out = tmp_path / "run"
-    result = train("--config", "tiny", "--mesh", "dp=2,tp=4", "--out", str(out),
-                   "train.steps=3", "model.n_layers=3")
+    result = train(
+        "--config",
+        "tiny",
+        "--mesh",
+        "dp=2,tp=4",
+        "--out",
+        str(out),
+        "train.steps=3",
+        "model.n_layers=3",
+    )
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout  # the count is printed at start
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in lines if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["step"] for r in lines if "val_loss" in r] == [1, 3]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device",
-                "step_time_s"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "tokens_per_s_per_device",
+        "step_time_s",
+    ):
         assert all(isinstance(r[key], float) for r in rows), key
     assert rows[0]["tokens_per_s"] == pytest.approx(8 * rows[0]["tokens_per_s_per_device"])
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -37,22 +57,35 @@ def test_a_run_writes_metrics_tensorboard_and_its_config(tmp_path):
     assert saved["model"]["n_layers"] == 3 and saved["mesh"] == "dp=2,tp=4"
 
 
-@pytest.mark.parametrize("args, sentence", [
-    (["--mesh", "dp=3"], "the mesh dp=3 has 3 devices but 8 are available"),
-    (["--mesh", "dp=2,xp=4"], "unknown mesh axis 'xp'"),
-    (["--mesh", "tp=4,dp=2", "model.n_heads=6", "model.head_dim=8", "model.n_kv_heads=2"],
-     "model.n_heads=6 is not divisible by tensor=4"),
-    (["--mesh", "tp=8"], "model.n_kv_heads=4 is not divisible by tensor=8"),
-    (["--mesh", "tp=8", "model.vocab_size=260", "model.n_kv_heads=8"],
-     "model.vocab_size=260 is not divisible by tensor=8"),
-    (["--mesh", "dp=8", "train.global_batch_size=20"],
-     "train.global_batch_size=20 is not divisible by the data-parallel size 8"),
-    (["--mesh", "pp=4,dp=2", "model.n_layers=6"],
-     "model.n_layers=6 is not divisible by 4 pipeline stages x 1 repeats = 4"),
-    (["model.d_modle=64"], "unknown config key 'model.d_modle' in the command line; "
-                           "did you mean 'model.d_model'?"),
-    (["--config", "gpt-125m"], "unknown config preset 'gpt-125m': did you mean 'gpt-124m'?"),
-])
+@pytest.mark.parametrize(
+    "args, sentence",
+    [
+        (["--mesh", "dp=3"], "the mesh dp=3 has 3 devices but 8 are available"),
+        (["--mesh", "dp=2,xp=4"], "unknown mesh axis 'xp'"),
+        (
+            ["--mesh", "tp=4,dp=2", "model.n_heads=6", "model.head_dim=8", "model.n_kv_heads=2"],
+            "model.n_heads=6 is not divisible by tensor=4",
+        ),
+        (["--mesh", "tp=8"], "model.n_kv_heads=4 is not divisible by tensor=8"),
+        (
+            ["--mesh", "tp=8", "model.vocab_size=260", "model.n_kv_heads=8"],
+            "model.vocab_size=260 is not divisible by tensor=8",
+        ),
+        (
+            ["--mesh", "dp=8", "train.global_batch_size=20"],
+            "train.global_batch_size=20 is not divisible by the data-parallel size 8",
+        ),
+        (
+            ["--mesh", "pp=4,dp=2", "model.n_layers=6"],
+            "model.n_layers=6 is not divisible by 4 pipeline stages x 1 repeats = 4",
+        ),
+        (
+            ["model.d_modle=64"],
+            "unknown config key 'model.d_modle' in the command line; did you mean 'model.d_model'?",
+        ),
+        (["--config", "gpt-125m"], "unknown config preset 'gpt-125m': did you mean 'gpt-124m'?"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, sentence):
     if "--config" not in args:
         args = ["--config", "tiny", *args]

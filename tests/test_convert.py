@@ -32,32 +32,74 @@ VOCAB = 128
 
 HF_CONFIGS = {
     "llama-gqa-theta1e4-untied": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0,
-        max_position_embeddings=64, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "llama-mha-theta5e5-tied": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, rope_theta=500000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=64, tie_word_embeddings=True),
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
     "llama-biases-wide-heads": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, attention_bias=True,
-        mlp_bias=True, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        attention_bias=True,
+        mlp_bias=True,
+        max_position_embeddings=64,
+    ),
     "gpt2-tied": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-        eos_token_id=0),
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
     "gpt2-untied": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64, n_inner=96,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=8,
+        n_positions=64,
+        n_inner=96,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
 }
 
 JAXLM_CONFIGS = {
     "llama-like (default model)": ["model.n_kv_heads=2"],
     "llama-like tied, theta 5e5": ["model.tie_embeddings=true", "model.rope_theta=500000"],
     "llama-like with biases": ["model.use_bias=true"],
-    "gpt2-like (gpt-124m shape)": ["model.mlp=gelu", "model.norm=layernorm",
-                                   "model.positions=learned", "model.tie_embeddings=true",
-                                   "model.use_bias=true", "model.n_kv_heads=8"],
+    "gpt2-like (gpt-124m shape)": [
+        "model.mlp=gelu",
+        "model.norm=layernorm",
+        "model.positions=learned",
+        "model.tie_embeddings=true",
+        "model.use_bias=true",
+        "model.n_kv_heads=8",
+    ],
 }
 
 
@@ -65,8 +107,11 @@ def hf_model(name: str, seed: int = 0):
     """A transformers model of a tiny config with every weight random (norms and biases too)."""
     torch.manual_seed(seed)
     cfg = HF_CONFIGS[name]()
-    model_class = (transformers.LlamaForCausalLM if isinstance(cfg, transformers.LlamaConfig)
-                   else transformers.GPT2LMHeadModel)
+    model_class = (
+        transformers.LlamaForCausalLM
+        if isinstance(cfg, transformers.LlamaConfig)
+        else transformers.GPT2LMHeadModel
+    )
     model = model_class(cfg).float().eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -81,8 +126,9 @@ def hf_model(name: str, seed: int = 0):
 def hf_logits(model_or_dir, tokens: np.ndarray) -> np.ndarray:
     model = model_or_dir
     if not isinstance(model, torch.nn.Module):
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_or_dir,
-                                                                  dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_or_dir, dtype=torch.float32
+        ).eval()
     with torch.no_grad():
         return model(torch.tensor(tokens)).logits.float().numpy()
 
@@ -100,9 +146,12 @@ def random_params(cfg, seed=0):
     the norms' scales (NumPy: nothing to compile)."""
     rng = np.random.default_rng(seed)
     shapes = layouts.flat(model_lib.describe(cfg).shapes)
-    return layouts.nested({
-        path: (rng.normal(0, 0.1, s.shape) + path.endswith("scale")).astype(np.float32)
-        for path, s in shapes.items()})
+    return layouts.nested(
+        {
+            path: (rng.normal(0, 0.1, s.shape) + path.endswith("scale")).astype(np.float32)
+            for path, s in shapes.items()
+        }
+    )
 
 
 def random_tokens(batch=2, length=24, seed=0):
@@ -173,13 +222,25 @@ def test_a_converted_run_is_trained_from_not_resumed(tmp_path):
 
     hf_model("llama-gqa-theta1e4-untied", seed=4).save_pretrained(tmp_path / "hf")
     from_hf.convert(tmp_path / "hf", tmp_path / "run")
-    args = ["--config", str(tmp_path / "run" / "config.yaml"), "--mesh", "dp=-1",
-            "data.source=synthetic", "train.steps=2", "train.global_batch_size=8", "train.seq_len=16",
-            "train.eval_every=0"]
+    args = [
+        "--config",
+        str(tmp_path / "run" / "config.yaml"),
+        "--mesh",
+        "dp=-1",
+        "data.source=synthetic",
+        "train.steps=2",
+        "train.global_batch_size=8",
+        "train.seq_len=16",
+        "train.eval_every=0",
+    ]
     assert train.main([*args, "--out", str(tmp_path / "run")]) == 2
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0"]
-    assert train.main([*args, "--out", str(tmp_path / "tuned"),
-                       f"checkpoint.init_from={tmp_path / 'run'}"]) == 0
+    assert (
+        train.main(
+            [*args, "--out", str(tmp_path / "tuned"), f"checkpoint.init_from={tmp_path / 'run'}"]
+        )
+        == 0
+    )
 
 
 def test_sharded_files_both_ways(tmp_path):
@@ -203,8 +264,10 @@ def test_gpt2_files_of_the_old_layout_convert(tmp_path):
     model = hf_model("gpt2-tied", seed=7)
     model.save_pretrained(tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
-    tensors = {name.removeprefix("transformer."): value
-               for name, value in safetensors_numpy.load_file(path).items()}
+    tensors = {
+        name.removeprefix("transformer."): value
+        for name, value in safetensors_numpy.load_file(path).items()
+    }
     tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
     safetensors_numpy.save_file(tensors, path, metadata={"format": "pt"})
     from_hf.convert(tmp_path / "hf", tmp_path / "run")
@@ -252,8 +315,13 @@ def test_the_tokenizer_loads_in_transformers_and_encodes_as_sentencepiece(tmp_pa
 
 
 def convert_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.convert", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.convert", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def test_command_line_round_trip_with_the_logits_tool(tmp_path):
@@ -266,9 +334,24 @@ def test_command_line_round_trip_with_the_logits_tool(tmp_path):
     tokens = random_tokens()
     np.save(tmp_path / "ids.npy", tokens)
     result = subprocess.run(
-        [sys.executable, "-m", "jaxlm.eval", "--run", str(tmp_path / "run"), "--tokens",
-         str(tmp_path / "ids.npy"), "--logits-out", str(tmp_path / "logits.npy"), "--mesh",
-         "tp=2,dp=4"], capture_output=True, text=True, env=ENV, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "jaxlm.eval",
+            "--run",
+            str(tmp_path / "run"),
+            "--tokens",
+            str(tmp_path / "ids.npy"),
+            "--logits-out",
+            str(tmp_path / "logits.npy"),
+            "--mesh",
+            "tp=2,dp=4",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     logits = np.load(tmp_path / "logits.npy")
     assert logits.dtype == np.float32 and logits.shape == (*tokens.shape, VOCAB)
@@ -281,12 +364,15 @@ def test_command_line_round_trip_with_the_logits_tool(tmp_path):
 
 def test_unsupported_architecture_and_missing_tensors_exit_2_naming_them(tmp_path):
     (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps(
-        {"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    (tmp_path / "bert" / "config.json").write_text(
+        json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"})
+    )
     result = convert_cli("from-hf", tmp_path / "bert", "--out", tmp_path / "run")
     assert result.returncode == 2
-    assert "holds a BertForMaskedLM; jaxlm converts LlamaForCausalLM and GPT2LMHeadModel" \
+    assert (
+        "holds a BertForMaskedLM; jaxlm converts LlamaForCausalLM and GPT2LMHeadModel"
         in result.stderr
+    )
 
     hf_model("llama-gqa-theta1e4-untied").save_pretrained(tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
@@ -295,20 +381,26 @@ def test_unsupported_architecture_and_missing_tensors_exit_2_naming_them(tmp_pat
     safetensors_numpy.save_file(tensors, path, metadata={"format": "pt"})
     result = convert_cli("from-hf", tmp_path / "hf", "--out", tmp_path / "run")
     assert result.returncode == 2
-    assert ("lacks tensors the config implies: model.layers.1.mlp.up_proj.weight, "
-            "model.norm.weight") in result.stderr
+    assert (
+        "lacks tensors the config implies: model.layers.1.mlp.up_proj.weight, model.norm.weight"
+    ) in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("change, sentence", [
-    ({"architectures": None, "model_type": "mistral"}, "holds a mistral"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-     "rotary scaling 'llama3' is not supported"),
-    ({"mlp_bias": True}, "attention_bias=False with mlp_bias=True has no jaxlm counterpart"),
-    ({"num_hidden_layers": 3}, "lacks tensors the config implies: model.layers.2."),
-    ({"intermediate_size": 48}, "has tensors of other shapes than its config implies"),
-])
+@pytest.mark.parametrize(
+    "change, sentence",
+    [
+        ({"architectures": None, "model_type": "mistral"}, "holds a mistral"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+            "rotary scaling 'llama3' is not supported",
+        ),
+        ({"mlp_bias": True}, "attention_bias=False with mlp_bias=True has no jaxlm counterpart"),
+        ({"num_hidden_layers": 3}, "lacks tensors the config implies: model.layers.2."),
+        ({"intermediate_size": 48}, "has tensors of other shapes than its config implies"),
+    ],
+)
 def test_other_hf_inputs_that_are_refused(tmp_path, change, sentence):
     hf_model("llama-gqa-theta1e4-untied").save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

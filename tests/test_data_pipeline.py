@@ -62,7 +62,7 @@ def test_windows_are_the_shuffled_documents_end_to_end(directory):
     stream = np.concatenate([split.read(d, 0, split.doc_length[d]) for d in order])
     batch = src[1]
     window = 64
-    expected = stream[8 * window: 16 * window].reshape(8, window)
+    expected = stream[8 * window : 16 * window].reshape(8, window)
     np.testing.assert_array_equal(batch["inputs"], expected[:, :-1])
     np.testing.assert_array_equal(batch["targets"], expected[:, 1:])
     # positions restart at every document start; segments count the pieces of each window
@@ -100,9 +100,10 @@ def test_a_document_has_the_same_logits_alone_and_packed_after_another(directory
     start = int(np.argmax(segments == 2))  # where the second document begins
     end = start + int(np.sum(segments == 2))
     assert start > 0
-    packed = model_lib.apply(graphdef, params, batch["inputs"][row:row + 1],
-                             positions[None], segments[None])
-    alone = model_lib.apply(graphdef, params, batch["inputs"][row:row + 1, start:end])
+    packed = model_lib.apply(
+        graphdef, params, batch["inputs"][row : row + 1], positions[None], segments[None]
+    )
+    alone = model_lib.apply(graphdef, params, batch["inputs"][row : row + 1, start:end])
     np.testing.assert_allclose(packed[0, start:end], alone[0], rtol=1e-5, atol=1e-5)
 
 

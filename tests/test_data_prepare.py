@@ -18,8 +18,13 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def data_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.data", *args], capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.data", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +41,24 @@ def texts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_file(texts, tmp_path_factory):
-    return tokenizer.train(corpus.resolve_inputs([str(texts)]).documents(), 512,
-                           tmp_path_factory.mktemp("tok") / "tok.model")
+    return tokenizer.train(
+        corpus.resolve_inputs([str(texts)]).documents(),
+        512,
+        tmp_path_factory.mktemp("tok") / "tok.model",
+    )
 
 
 @pytest.fixture(scope="module")
 def prepared(texts, model_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    manifest = prepare.prepare(corpus.resolve_inputs([str(texts)]), model_file, out,
-                               val_fraction=0.2, shard_tokens=20_000, workers=2)
+    manifest = prepare.prepare(
+        corpus.resolve_inputs([str(texts)]),
+        model_file,
+        out,
+        val_fraction=0.2,
+        shard_tokens=20_000,
+        workers=2,
+    )
     return out, manifest
 
 
@@ -79,7 +93,8 @@ def test_token_dtype_grows_with_the_vocabulary():
 
 
 def test_an_interrupted_prepare_resumes_after_its_last_committed_shard(
-        texts, model_file, prepared, tmp_path, monkeypatch):
+    texts, model_file, prepared, tmp_path, monkeypatch
+):
     inputs = corpus.resolve_inputs([str(texts)])
     original_flush = prepare._ShardWriter.flush
     flushes = []
@@ -92,15 +107,17 @@ def test_an_interrupted_prepare_resumes_after_its_last_committed_shard(
 
     monkeypatch.setattr(prepare._ShardWriter, "flush", failing_flush)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(inputs, model_file, tmp_path, val_fraction=0.2, shard_tokens=20_000,
-                        workers=1)
+        prepare.prepare(
+            inputs, model_file, tmp_path, val_fraction=0.2, shard_tokens=20_000, workers=1
+        )
     assert not (tmp_path / "manifest.json").exists()
     committed = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.bin")}
     assert len(committed) == 2
 
     monkeypatch.setattr(prepare._ShardWriter, "flush", original_flush)
-    manifest = prepare.prepare(inputs, model_file, tmp_path, val_fraction=0.2,
-                               shard_tokens=20_000, workers=1)
+    manifest = prepare.prepare(
+        inputs, model_file, tmp_path, val_fraction=0.2, shard_tokens=20_000, workers=1
+    )
     for name, mtime in committed.items():  # finished shards were not written again
         assert (tmp_path / name).stat().st_mtime_ns == mtime
     reference, expected = prepared
@@ -123,11 +140,22 @@ def test_globs_expand_to_sorted_files(texts):
     assert files == sorted(files) and len(files) == len(list((STDLIB / "json").glob("*.py")))
 
 
-@pytest.mark.parametrize("make, args, sentence", [
-    (lambda d: None, ["--input", "{d}/nowhere"], "input '{d}/nowhere' does not exist"),
-    (lambda d: (d / "empty").mkdir(), ["--input", "{d}/empty"], "input '{d}/empty' contains no files"),
-    (lambda d: (d / "e.txt").write_text(""), ["--input", "{d}/e.txt"], "the input files are all empty"),
-])
+@pytest.mark.parametrize(
+    "make, args, sentence",
+    [
+        (lambda d: None, ["--input", "{d}/nowhere"], "input '{d}/nowhere' does not exist"),
+        (
+            lambda d: (d / "empty").mkdir(),
+            ["--input", "{d}/empty"],
+            "input '{d}/empty' contains no files",
+        ),
+        (
+            lambda d: (d / "e.txt").write_text(""),
+            ["--input", "{d}/e.txt"],
+            "the input files are all empty",
+        ),
+    ],
+)
 def test_missing_or_empty_input_exits_2_naming_it(tmp_path, make, args, sentence):
     make(tmp_path)
     args = [a.format(d=tmp_path) for a in args]
@@ -137,20 +165,36 @@ def test_missing_or_empty_input_exits_2_naming_it(tmp_path, make, args, sentence
 
 
 def test_shards_of_another_tokenizer_are_refused_naming_both(texts, prepared, tmp_path):
-    other = tokenizer.train(corpus.resolve_inputs([str(texts / "json_*.py")]).documents(), 400,
-                            tmp_path / "other.model")
+    other = tokenizer.train(
+        corpus.resolve_inputs([str(texts / "json_*.py")]).documents(), 400, tmp_path / "other.model"
+    )
     out, manifest = prepared
-    result = data_cli("prepare", "--input", str(texts), "--tokenizer", str(other),
-                      "--out", str(out), "--val-fraction", "0.2")
+    result = data_cli(
+        "prepare",
+        "--input",
+        str(texts),
+        "--tokenizer",
+        str(other),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.2",
+    )
     assert result.returncode == 2
     assert manifest["tokenizer_sha256"][:12] in result.stderr
     assert tokenizer.fingerprint(other)[:12] in result.stderr
 
 
-@pytest.mark.parametrize("damage, sentence", [
-    (lambda p: p.write_bytes(p.read_bytes()[:-10]), "is truncated or corrupt"),
-    (lambda p: p.write_bytes(b"\x07\x00" + p.read_bytes()[2:]), "is corrupt: its CRC-32 does not match"),
-])
+@pytest.mark.parametrize(
+    "damage, sentence",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-10]), "is truncated or corrupt"),
+        (
+            lambda p: p.write_bytes(b"\x07\x00" + p.read_bytes()[2:]),
+            "is corrupt: its CRC-32 does not match",
+        ),
+    ],
+)
 def test_a_damaged_shard_is_refused_naming_the_file(prepared, tmp_path, damage, sentence):
     import shutil
 
@@ -165,8 +209,21 @@ def test_a_damaged_shard_is_refused_naming_the_file(prepared, tmp_path, damage, 
 def test_training_refuses_shards_with_a_larger_vocabulary_naming_both(prepared, tmp_path):
     out, _ = prepared
     result = subprocess.run(
-        [sys.executable, "-m", "jaxlm.train", "--config", "tiny", "--out", str(tmp_path / "r"),
-         f"data.source={out}", "model.vocab_size=384"],
-        capture_output=True, text=True, env=ENV, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "jaxlm.train",
+            "--config",
+            "tiny",
+            "--out",
+            str(tmp_path / "r"),
+            f"data.source={out}",
+            "model.vocab_size=384",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "vocabulary of 512, larger than the model's model.vocab_size=384" in result.stderr

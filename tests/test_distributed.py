@@ -19,14 +19,36 @@ from jaxlm import train
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 ENV.pop("JAX_NUM_CPU_DEVICES", None)
-SCHEDULE = ("--config", "tiny", "train.decay_steps=12", "train.eval_every=4",
-            "model.compute_dtype=float32")
+SCHEDULE = (
+    "--config",
+    "tiny",
+    "train.decay_steps=12",
+    "train.eval_every=4",
+    "model.compute_dtype=float32",
+)
 
 
 def launch(n, out, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jaxlm.launch", "local", "-n", str(n),
-                           "--cpu-devices", "8", "--", "--out", str(out), *args],
-                          env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlm.launch",
+            "local",
+            "-n",
+            str(n),
+            "--cpu-devices",
+            "8",
+            "--",
+            "--out",
+            str(out),
+            *args,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def rows(out):
@@ -38,8 +60,15 @@ def rows(out):
 def one_process(tmp_path_factory):
     """The reference: one process with all 8 devices, on the default corpus."""
     out = tmp_path_factory.mktemp("one")
-    cfg = config_lib.load("tiny", ["train.decay_steps=12", "train.eval_every=4",
-                                   "model.compute_dtype=float32", "train.steps=12"])
+    cfg = config_lib.load(
+        "tiny",
+        [
+            "train.decay_steps=12",
+            "train.eval_every=4",
+            "model.compute_dtype=float32",
+            "train.steps=12",
+        ],
+    )
     train.run(cfg, mesh_lib.make_mesh("dp=2,fsdp=2,tp=2"), out)
     return rows(out)
 
@@ -50,23 +79,35 @@ def test_two_processes_train_exactly_like_one(tmp_path, one_process):
     two = rows(tmp_path)
     assert [r["step"] for r in two] == [r["step"] for r in one_process]
     for key in ("loss", "val_loss"):
-        np.testing.assert_allclose([r[key] for r in two if key in r],
-                                   [r[key] for r in one_process if key in r], rtol=1e-5)
+        np.testing.assert_allclose(
+            [r[key] for r in two if key in r], [r[key] for r in one_process if key in r], rtol=1e-5
+        )
     for process in (0, 1):
-        assert f"process {process} of 2" in (tmp_path / "logs" / f"process-{process}.log").read_text()
+        assert (
+            f"process {process} of 2" in (tmp_path / "logs" / f"process-{process}.log").read_text()
+        )
     assert "process 1 of 2" not in result.stdout  # only process 0 talks on the terminal
 
 
 def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(tmp_path, one_process):
-    result = launch(2, tmp_path, *SCHEDULE, "--mesh", "dp=2,fsdp=2,tp=2", "train.steps=6",
-                    "checkpoint.every=3")
+    result = launch(
+        2, tmp_path, *SCHEDULE, "--mesh", "dp=2,fsdp=2,tp=2", "train.steps=6", "checkpoint.every=3"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    cfg = config_lib.load("tiny", ["train.decay_steps=12", "train.eval_every=4",
-                                   "model.compute_dtype=float32", "train.steps=12"])
+    cfg = config_lib.load(
+        "tiny",
+        [
+            "train.decay_steps=12",
+            "train.eval_every=4",
+            "model.compute_dtype=float32",
+            "train.steps=12",
+        ],
+    )
     continued = train_rows(train.run(cfg, mesh_lib.make_mesh("fsdp=4,tp=2"), tmp_path))
     assert [r["step"] for r in continued] == list(range(7, 13))
-    np.testing.assert_allclose([r["loss"] for r in continued],
-                               [r["loss"] for r in train_rows(one_process)[6:]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["loss"] for r in continued], [r["loss"] for r in train_rows(one_process)[6:]], rtol=1e-5
+    )
 
 
 def test_a_killed_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
@@ -74,17 +115,42 @@ def test_a_killed_process_ends_the_others_within_the_heartbeat_timeout(tmp_path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     timeout = 10
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "jaxlm.train", "--config", "tiny", "--mesh", "dp=8",
-         "--out", str(tmp_path), "train.steps=100000", "train.eval_every=0",
-         "checkpoint.every=0", f"distributed.heartbeat_timeout={timeout}"],
-        env={**ENV, "JAX_NUM_CPU_DEVICES": "4", "JAXLM_COORDINATOR": f"127.0.0.1:{port}",
-             "JAXLM_NUM_PROCESSES": "2", "JAXLM_PROCESS_ID": str(i)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxlm.train",
+                "--config",
+                "tiny",
+                "--mesh",
+                "dp=8",
+                "--out",
+                str(tmp_path),
+                "train.steps=100000",
+                "train.eval_every=0",
+                "checkpoint.every=0",
+                f"distributed.heartbeat_timeout={timeout}",
+            ],
+            env={
+                **ENV,
+                "JAX_NUM_CPU_DEVICES": "4",
+                "JAXLM_COORDINATOR": f"127.0.0.1:{port}",
+                "JAXLM_NUM_PROCESSES": "2",
+                "JAXLM_PROCESS_ID": str(i),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         deadline = time.time() + 300
-        while not (tmp_path / "metrics.jsonl").exists() or \
-                len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3:
+        while (
+            not (tmp_path / "metrics.jsonl").exists()
+            or len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3
+        ):
             assert time.time() < deadline and processes[0].poll() is None
             time.sleep(0.2)
         processes[1].send_signal(signal.SIGKILL)
@@ -107,9 +173,11 @@ def test_the_launcher_passes_a_failure_on(tmp_path):
 
 def test_inner_axes_take_a_processs_own_devices_first():
     local, outer = mesh_lib.split_over_processes(
-        {"pipeline": 1, "data": 2, "fsdp": 2, "tensor": 2}, per_process=4)
+        {"pipeline": 1, "data": 2, "fsdp": 2, "tensor": 2}, per_process=4
+    )
     assert local == {"tensor": 2, "fsdp": 2, "data": 1, "pipeline": 1}  # tensor inside a host
     assert outer == {"tensor": 1, "fsdp": 1, "data": 2, "pipeline": 1}  # data across hosts
     local, outer = mesh_lib.split_over_processes(
-        {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 8}, per_process=8)
+        {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 8}, per_process=8
+    )
     assert local["tensor"] == 8 and outer == {"tensor": 1, "fsdp": 1, "data": 2, "pipeline": 4}

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import data
+from jaxlm import data, runs, train
 from jaxlm import eval as eval_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
-from jaxlm import runs, train
 from jaxlm.data.shards import PreparedSplit
 from jaxlm.errors import UsageError
 
@@ -29,21 +28,41 @@ EVAL_BATCHES = 3
 def trained(tmp_path_factory):
     """The tiny preset trained for 4 steps on the default corpus, validated at the end."""
     out = tmp_path_factory.mktemp("eval") / "run"
-    cfg = config_lib.load("tiny", ["model.compute_dtype=float32", "train.steps=4",
-                                   "train.eval_every=4", f"train.eval_batches={EVAL_BATCHES}"])
+    cfg = config_lib.load(
+        "tiny",
+        [
+            "model.compute_dtype=float32",
+            "train.steps=4",
+            "train.eval_every=4",
+            f"train.eval_batches={EVAL_BATCHES}",
+        ],
+    )
     rows = train.run(cfg, mesh_lib.make_mesh("dp=8"), out)
     return out, [r for r in rows if "val_loss" in r][-1]
 
 
 def eval_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.eval", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.eval", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def test_the_loss_is_the_validation_loss_training_logged(trained, tmp_path):
     out, logged = trained
-    result = eval_cli("--run", out, "--batches", EVAL_BATCHES, "--mesh", "fsdp=2,tp=4",
-                      "--json", tmp_path / "eval.json")
+    result = eval_cli(
+        "--run",
+        out,
+        "--batches",
+        EVAL_BATCHES,
+        "--mesh",
+        "fsdp=2,tp=4",
+        "--json",
+        tmp_path / "eval.json",
+    )
     assert result.returncode == 0, result.stderr
     *table, last = result.stdout.strip().splitlines()
     row = json.loads(last)
@@ -52,8 +71,14 @@ def test_the_loss_is_the_validation_loss_training_logged(trained, tmp_path):
     assert row["tokens"] == EVAL_BATCHES * 16 * 32  # tiny: batches of 16 x 32 tokens
     assert row["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
     assert row["perplexity"] == pytest.approx(math.exp(row["loss"]))
-    assert [line.split()[0] for line in table] == ["run", "data", "batches", "tokens", "loss",
-                                                   "perplexity"]
+    assert [line.split()[0] for line in table] == [
+        "run",
+        "data",
+        "batches",
+        "tokens",
+        "loss",
+        "perplexity",
+    ]
     assert f"{row['loss']:.4f}" in table[4]
 
 
@@ -88,22 +113,32 @@ def test_a_circular_pipeline_checkpoint_is_read_as_one_stack_of_layers(tiny_cfg,
     cfg = tiny_cfg("model.n_layers=4", "train.pipeline_repeats=2")
     mesh = mesh_lib.make_mesh("dp=8")
     build = lambda stages: jax.jit(  # noqa: E731
-        lambda key: model_lib.build(cfg.model, key, stages=stages)[1])(jax.random.key(3))
+        lambda key: model_lib.build(cfg.model, key, stages=stages)[1]
+    )(jax.random.key(3))
     circular = build(model_lib.PipelineSpec(repeats=2))
     assert circular["layers"]["attn"]["q_proj"].shape[:2] == (2, 2)
     from_hf.write_run(tmp_path / "run", cfg, circular, mesh)
     run = runs.open_run(tmp_path / "run")
     assert run.repeats == 2 and run.cfg.train.pipeline_repeats == 1
-    jax.tree.map(np.testing.assert_array_equal, runs.load_params(run, mesh),
-                 build(model_lib.PipelineSpec()))
+    jax.tree.map(
+        np.testing.assert_array_equal, runs.load_params(run, mesh), build(model_lib.PipelineSpec())
+    )
 
 
 def test_logits_out_are_the_float32_logits_of_the_tokens(trained, tmp_path):
     out, _ = trained
     tokens = np.random.default_rng(0).integers(0, 512, (3, 20))
     np.save(tmp_path / "ids.npy", tokens)
-    result = eval_cli("--run", out, "--tokens", tmp_path / "ids.npy", "--logits-out",
-                      tmp_path / "logits.npy", "--mesh", "dp=2,tp=4")
+    result = eval_cli(
+        "--run",
+        out,
+        "--tokens",
+        tmp_path / "ids.npy",
+        "--logits-out",
+        tmp_path / "logits.npy",
+        "--mesh",
+        "dp=2,tp=4",
+    )
     assert result.returncode == 0, result.stderr
     logits = np.load(tmp_path / "logits.npy")
     assert logits.dtype == np.float32 and logits.shape == (3, 20, 512)
@@ -112,20 +147,24 @@ def test_logits_out_are_the_float32_logits_of_the_tokens(trained, tmp_path):
     run = runs.open_run(out)
     mesh = mesh_lib.make_mesh("dp=1", jax.devices()[:1])
     graphdef = model_lib.describe(run.cfg.model).graphdef
-    expected = jax.jit(model_lib.apply, static_argnums=0)(graphdef, runs.load_params(run, mesh),
-                                                          tokens)
+    expected = jax.jit(model_lib.apply, static_argnums=0)(
+        graphdef, runs.load_params(run, mesh), tokens
+    )
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
     # causal: a token's logits depend only on the tokens up to it
     short = eval_lib.logits(run, mesh_lib.make_mesh("dp=8"), tokens[:, :7])
     np.testing.assert_allclose(short, logits[:, :7], atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens, sentence", [
-    (np.array([[1, 2, 512]]), "outside the model's vocabulary of 512"),
-    (np.zeros((1, 257), np.int64), "longer than the model's context of 256"),
-    (np.zeros((2, 2, 2), np.int64), "must hold integer ids of shape [batch, length]"),
-    (np.zeros((1, 4), np.float32), "must hold integer ids of shape [batch, length]"),
-])
+@pytest.mark.parametrize(
+    "tokens, sentence",
+    [
+        (np.array([[1, 2, 512]]), "outside the model's vocabulary of 512"),
+        (np.zeros((1, 257), np.int64), "longer than the model's context of 256"),
+        (np.zeros((2, 2, 2), np.int64), "must hold integer ids of shape [batch, length]"),
+        (np.zeros((1, 4), np.float32), "must hold integer ids of shape [batch, length]"),
+    ],
+)
 def test_bad_tokens_are_refused(trained, tokens, sentence):
     out, _ = trained
     with pytest.raises(UsageError, match=sentence.replace("[", r"\[").replace("]", r"\]")):
@@ -135,8 +174,9 @@ def test_bad_tokens_are_refused(trained, tokens, sentence):
 def test_bad_input_exits_2(trained, tmp_path):
     out, _ = trained
     np.save(tmp_path / "ids.npy", np.array([[0, 9999]]))
-    result = eval_cli("--run", out, "--tokens", tmp_path / "ids.npy", "--logits-out",
-                      tmp_path / "out.npy")
+    result = eval_cli(
+        "--run", out, "--tokens", tmp_path / "ids.npy", "--logits-out", tmp_path / "out.npy"
+    )
     assert result.returncode == 2 and "outside the model's vocabulary" in result.stderr
     with pytest.raises(UsageError, match="does not exist"):
         runs.open_run(tmp_path / "missing")
@@ -154,8 +194,7 @@ def test_a_trained_run_exports_to_transformers_with_the_same_logits(trained, tmp
 
     out, _ = trained
     to_hf.convert(out, tmp_path / "hf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     tokens = np.asarray([tokenizer.encode("import os\nfor name in os.listdir('.'):\n")])
     with torch.no_grad():

@@ -34,8 +34,10 @@ def run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("generate")
     documents = list(corpus.stdlib_inputs().documents())[:100]
     model_file = tokenizer.train(documents, 512, directory / "tokenizer.model")
-    cfg = config_lib.load("tiny", ["model.compute_dtype=float32", "data.source=synthetic",
-                                   f"model.max_seq_len={CONTEXT}"])
+    cfg = config_lib.load(
+        "tiny",
+        ["model.compute_dtype=float32", "data.source=synthetic", f"model.max_seq_len={CONTEXT}"],
+    )
     params = random_params(cfg.model)
     from_hf.write_run(directory / "run", cfg, params, mesh_lib.make_mesh("dp=8"), [model_file])
     return runs.open_run(directory / "run")
@@ -63,15 +65,30 @@ def prompts(batch=2, length=9, seed=0):
 
 def greedy(run, mesh, prompt, n=12, **kwargs):
     params = runs.load_params(run, mesh)
-    return generate_lib.generate(run.cfg.model, params, mesh, prompt, max_new_tokens=n,
-                                 sampling=kwargs.pop("sampling", GREEDY), **kwargs)
+    return generate_lib.generate(
+        run.cfg.model,
+        params,
+        mesh,
+        prompt,
+        max_new_tokens=n,
+        sampling=kwargs.pop("sampling", GREEDY),
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize("overrides", [
-    [],  # rotary, GQA, SwiGLU
-    ["model.positions=learned", "model.norm=layernorm", "model.mlp=gelu", "model.use_bias=true",
-     "model.tie_embeddings=true"],  # GPT-2's shape
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # rotary, GQA, SwiGLU
+        [
+            "model.positions=learned",
+            "model.norm=layernorm",
+            "model.mlp=gelu",
+            "model.use_bias=true",
+            "model.tie_embeddings=true",
+        ],  # GPT-2's shape
+    ],
+)
 def test_prefill_then_one_token_steps_equal_the_full_forward_pass(tiny_cfg, overrides):
     cfg = tiny_cfg(*overrides).model
     graphdef, params = model_lib.describe(cfg).graphdef, random_params(cfg)
@@ -82,7 +99,7 @@ def test_prefill_then_one_token_steps_equal_the_full_forward_pass(tiny_cfg, over
     logits, cache = decode(graphdef, params, tokens[:, :8], cache, 0)
     steps = [logits]
     for t in range(8, 14):
-        logits, cache = decode(graphdef, params, tokens[:, t:t + 1], cache, jnp.int32(t))
+        logits, cache = decode(graphdef, params, tokens[:, t : t + 1], cache, jnp.int32(t))
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=0)
 
@@ -98,7 +115,7 @@ def test_greedy_generation_with_the_cache_equals_argmax_by_full_recomputation(ru
     # serves every step.
     full = jax.jit(lambda p, t: model_lib.apply(graphdef, p, t))
     sequence = np.zeros((2, prompt.shape[1] + n), np.int32)
-    sequence[:, :prompt.shape[1]] = prompt
+    sequence[:, : prompt.shape[1]] = prompt
     for i in range(n):
         end = prompt.shape[1] + i
         expected = np.asarray(jnp.argmax(full(params, sequence)[:, end - 1], axis=-1))
@@ -115,8 +132,9 @@ def one_device_tokens(run):
 
 
 @pytest.mark.parametrize("spec, n_devices", [("tp=2", 2), ("dp=2,tp=2", 4), ("fsdp=2,tp=4", 8)])
-def test_tensor_parallel_decoding_gives_the_tokens_of_one_device(run, one_device_tokens, spec,
-                                                                 n_devices):
+def test_tensor_parallel_decoding_gives_the_tokens_of_one_device(
+    run, one_device_tokens, spec, n_devices
+):
     """One prompt (replicated over the data-parallel devices) and a batch of two."""
     for prompt, expected in one_device_tokens:
         np.testing.assert_array_equal(greedy(run, on(spec, n_devices), prompt), expected)
@@ -128,9 +146,12 @@ def test_the_cache_lives_in_the_layout_of_the_sharding_table(run):
 
     mesh = on("dp=2,tp=4")
     names = sharding.named(mesh, model_lib.CACHE_AXES)
-    cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                         model_lib.cache_shapes(run.cfg.model, 2, 16)),
-                    out_shardings=model_lib.LayerCache(names, names))()
+    cache = jax.jit(
+        lambda: jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), model_lib.cache_shapes(run.cfg.model, 2, 16)
+        ),
+        out_shardings=model_lib.LayerCache(names, names),
+    )()
     shard_shape = cache.k.addressable_shards[0].data.shape
     assert cache.k.shape == (2, 2, 16, 4, 8) and shard_shape == (2, 1, 16, 1, 8)
 
@@ -140,8 +161,9 @@ def test_sampling_keeps_only_what_top_k_and_top_p_allow():
     logits = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
 
     def draw(sampling, seed=0):
-        tokens = jax.jit(generate_lib.sample, static_argnums=2)(logits, jax.random.key(seed),
-                                                               sampling)
+        tokens = jax.jit(generate_lib.sample, static_argnums=2)(
+            logits, jax.random.key(seed), sampling
+        )
         return np.bincount(np.asarray(tokens), minlength=4) / len(tokens)
 
     np.testing.assert_allclose(draw(Sampling(temperature=1.0)), probs, atol=0.03)
@@ -171,12 +193,17 @@ def test_generation_stops_at_eos_and_at_the_end_of_the_context(run):
     assert free.shape[1] == CONTEXT - prompt.shape[1]  # the context is full
     k = next(k for k in range(3, free.shape[1]) if free[0, k] not in free[0, :k])
     stopped = greedy(run, mesh, prompt, n=100, eos_id=int(free[0, k]))
-    np.testing.assert_array_equal(stopped, free[:, :k + 1])  # the EOS itself, then nothing
+    np.testing.assert_array_equal(stopped, free[:, : k + 1])  # the EOS itself, then nothing
 
 
 def generate_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.generate", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.generate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def test_the_command_streams_the_greedy_text(run):
@@ -184,12 +211,22 @@ def test_the_command_streams_the_greedy_text(run):
 
     sp = spm.SentencePieceProcessor(model_file=str(run.directory / "tokenizer.model"))
     prompt = "def add(a, b):\n    return"
-    result = generate_cli("--run", run.directory, "--prompt", prompt, "--max-new-tokens", 10,
-                          "--temperature", 0, "--mesh", "tp=2,dp=4")
+    result = generate_cli(
+        "--run",
+        run.directory,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        10,
+        "--temperature",
+        0,
+        "--mesh",
+        "tp=2,dp=4",
+    )
     assert result.returncode == 0, result.stderr
     ids = sp.encode(prompt)
     new = greedy(run, on("dp=1", 1), [ids], n=10, eos_id=sp.eos_id())[0].tolist()
-    new = new[:new.index(sp.eos_id())] if sp.eos_id() in new else new
+    new = new[: new.index(sp.eos_id())] if sp.eos_id() in new else new
     assert result.stdout == sp.decode(ids + new) + "\n"
     assert result.stdout.startswith(prompt)
     assert "tokens/s" in result.stderr  # the log goes to stderr, the text alone to stdout
@@ -201,20 +238,26 @@ def test_a_prompt_longer_than_the_context_exits_2(run):
     assert "longer than the model's context of 48 tokens" in result.stderr
 
 
-@pytest.mark.parametrize("sampling, sentence", [
-    (Sampling(temperature=-1), "--temperature must be 0 (greedy) or more"),
-    (Sampling(top_k=-2), "--top-k must be 0 (off) or more"),
-    (Sampling(top_p=0), "--top-p must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "sampling, sentence",
+    [
+        (Sampling(temperature=-1), "--temperature must be 0 (greedy) or more"),
+        (Sampling(top_k=-2), "--top-k must be 0 (off) or more"),
+        (Sampling(top_p=0), "--top-p must be in (0, 1]"),
+    ],
+)
 def test_bad_sampling_settings_are_refused(sampling, sentence):
     with pytest.raises(UsageError, match=re.escape(sentence)):
         sampling.check()
 
 
-@pytest.mark.parametrize("spec, sentence", [
-    ("pp=2,dp=4", "leave pp out of --mesh"),
-    ("tp=8", "model.n_kv_heads=4 is not divisible by tensor=8"),
-])
+@pytest.mark.parametrize(
+    "spec, sentence",
+    [
+        ("pp=2,dp=4", "leave pp out of --mesh"),
+        ("tp=8", "model.n_kv_heads=4 is not divisible by tensor=8"),
+    ],
+)
 def test_meshes_that_cannot_decode_are_refused(run, spec, sentence):
     with pytest.raises(UsageError, match=re.escape(sentence)):
         runs.check_mesh(run.cfg, on(spec))

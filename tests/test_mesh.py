@@ -28,15 +28,18 @@ def test_mesh_over_a_subset_of_devices():
     assert mesh.devices.size == 2
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("dp=3", "has 3 devices but 8 are available"),
-    ("dp=-1,tp=3", "the fixed axes multiply to 3, which does not divide 8"),
-    ("xp=2", "unknown mesh axis 'xp'"),
-    ("dp=-1,tp=-1", "only one mesh axis may be -1"),
-    ("dp=two", "needs an integer size"),
-    ("dp=2,data=4", "given twice"),
-    ("no-such-mesh", "unknown mesh preset 'no-such-mesh'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("dp=3", "has 3 devices but 8 are available"),
+        ("dp=-1,tp=3", "the fixed axes multiply to 3, which does not divide 8"),
+        ("xp=2", "unknown mesh axis 'xp'"),
+        ("dp=-1,tp=-1", "only one mesh axis may be -1"),
+        ("dp=two", "needs an integer size"),
+        ("dp=2,data=4", "given twice"),
+        ("no-such-mesh", "unknown mesh preset 'no-such-mesh'"),
+    ],
+)
 def test_bad_meshes(spec, message):
     with pytest.raises(UsageError, match=message):
         mesh_lib.make_mesh(spec)

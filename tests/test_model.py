@@ -11,13 +11,19 @@ from jaxlm import model as model_lib
 from jaxlm.model import Transformer
 
 LLAMA_STYLE = ["model.n_kv_heads=2", "model.rope_theta=500000"]
-GPT_STYLE = ["model.norm=layernorm", "model.mlp=gelu", "model.positions=learned",
-             "model.tie_embeddings=true", "model.use_bias=true"]
+GPT_STYLE = [
+    "model.norm=layernorm",
+    "model.mlp=gelu",
+    "model.positions=learned",
+    "model.tie_embeddings=true",
+    "model.use_bias=true",
+]
 
 
 def small(*overrides):
-    return config_lib.load("tiny", ["model.compute_dtype=float32", "model.init_std=0.2",
-                                    *overrides]).model
+    return config_lib.load(
+        "tiny", ["model.compute_dtype=float32", "model.init_std=0.2", *overrides]
+    ).model
 
 
 def reference_logits(cfg, params, tokens):
@@ -36,14 +42,14 @@ def reference_logits(cfg, params, tokens):
         inv = cfg.rope_theta ** -(np.arange(0, H, 2) / H)
         ang = np.arange(L)[:, None] * inv[None, :]
         c, s = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
-        x1, x2 = x[..., : H // 2], x[..., H // 2:]
+        x1, x2 = x[..., : H // 2], x[..., H // 2 :]
         return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
     x = p["embedding"][tokens]
     if cfg.positions == "learned":
         x = x + p["position_embedding"][np.arange(L)][None]
     for i in range(cfg.n_layers):
-        w = jax.tree.map(lambda a: a[i], p["layers"])
+        w = jax.tree.map(lambda a, i=i: a[i], p["layers"])
         a = w["attn"]
         h = norm(x, w["attn_norm"])
         q = np.einsum("bld,dnh->blnh", h, a["q_proj"])
@@ -69,7 +75,7 @@ def reference_logits(cfg, params, tokens):
             g = h @ m["gate_proj"]
             act = g / (1 + np.exp(-g)) * up
         else:
-            act = 0.5 * up * (1 + np.tanh(np.sqrt(2 / np.pi) * (up + 0.044715 * up ** 3)))
+            act = 0.5 * up * (1 + np.tanh(np.sqrt(2 / np.pi) * (up + 0.044715 * up**3)))
         x = x + act @ m["down_proj"] + (m["down_bias"] if cfg.use_bias else 0)
     x = norm(x, p["final_norm"])
     head = p["embedding"].T if cfg.tie_embeddings else p["lm_head"]
@@ -103,7 +109,7 @@ def test_no_position_sees_the_future(style, remat):
         return jax.nn.log_softmax(logits[:, t]).mean()
 
     grad = jax.grad(loss_at_t)(x)
-    assert np.all(np.asarray(grad[:, t + 1:]) == 0)
+    assert np.all(np.asarray(grad[:, t + 1 :]) == 0)
     assert np.all(np.abs(np.asarray(grad[:, : t + 1])).sum(-1) > 0)
 
 
@@ -117,8 +123,12 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
         attn[name] = jnp.repeat(attn[name], 4, axis=2)
     mha_params = {**params, "layers": {**params["layers"], "attn": attn}}
     tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, gqa.vocab_size)
-    np.testing.assert_allclose(model_lib.apply(mha_graphdef, mha_params, tokens),
-                               model_lib.apply(graphdef, params, tokens), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        model_lib.apply(mha_graphdef, mha_params, tokens),
+        model_lib.apply(graphdef, params, tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_documents_in_one_row_do_not_see_each_other():

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import train_rows
-from jaxlm import data
+from jaxlm import data, train
 from jaxlm import mesh as mesh_lib
-from jaxlm import train
 from jaxlm.errors import UsageError
 from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.step import abstract_step_inputs, build_program, make_loss_fn
@@ -35,8 +34,9 @@ def mesh(spec):
 def unpipelined(request):
     from jaxlm import config as config_lib
 
-    cfg = config_lib.load("tiny", ["model.compute_dtype=float32", "data.source=synthetic",
-                                   *FOUR_LAYERS])
+    cfg = config_lib.load(
+        "tiny", ["model.compute_dtype=float32", "data.source=synthetic", *FOUR_LAYERS]
+    )
     one = mesh("dp=1")
     losses = [r["loss"] for r in train_rows(train.run(cfg, one))]
     return losses, gradients(cfg, one)
@@ -56,21 +56,26 @@ def gradients(cfg, m):
     grads = jax.jit(jax.grad(loss))(state.params)
     # the circular layout stores layers as [repeats, L / repeats, ...]: compare as [L, ...]
     lead = 2 if cfg.train.pipeline_repeats > 1 else 1
-    grads["layers"] = jax.tree.map(lambda g: np.asarray(g).reshape(-1, *g.shape[lead:]),
-                                   grads["layers"])
+    grads["layers"] = jax.tree.map(
+        lambda g: np.asarray(g).reshape(-1, *g.shape[lead:]), grads["layers"]
+    )
     return grads
 
 
 @pytest.mark.parametrize("spec, extra", LAYOUTS)
-def test_pipelined_losses_and_gradients_equal_the_unpipelined_model(tiny_cfg, unpipelined,
-                                                                    spec, extra):
+def test_pipelined_losses_and_gradients_equal_the_unpipelined_model(
+    tiny_cfg, unpipelined, spec, extra
+):
     cfg = tiny_cfg(*FOUR_LAYERS, *extra)
     losses, grads = unpipelined
     program_losses = [r["loss"] for r in train_rows(train.run(cfg, mesh(spec)))]
     assert losses[-1] < losses[0] - 0.1
     np.testing.assert_allclose(program_losses, losses, rtol=1e-5)
-    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(grads),
-                                 jax.tree.leaves(gradients(cfg, mesh(spec)))):
+    for (path, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(grads),
+        jax.tree.leaves(gradients(cfg, mesh(spec))),
+        strict=True,
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
@@ -81,8 +86,12 @@ def test_each_stage_holds_only_its_share_of_the_layer_stack(tiny_cfg):
         pp = program.stages.stages
         total = sum(x.nbytes for x in jax.tree.leaves(layers))
         for device in jax.devices():
-            held = sum(s.data.nbytes for x in jax.tree.leaves(layers)
-                       for s in x.addressable_shards if s.device == device)
+            held = sum(
+                s.data.nbytes
+                for x in jax.tree.leaves(layers)
+                for s in x.addressable_shards
+                if s.device == device
+            )
             tensor = 2 if "tp=2" in spec else 1
             # attention and MLP weights split over tensor too; norms only over pipeline
             assert total / (pp * tensor) <= held <= total / pp
@@ -100,7 +109,7 @@ def stacked_weight_gathers(program, hlo: str, repeats: bool) -> list[str]:
     gathers = [line for line in hlo.splitlines() if re.search(r"all-gather(-start)?\(", line)]
     found = []
     for x in jax.tree.leaves(program.spec.shapes["layers"]):
-        per_layer = x.shape[2 if repeats else 1:]
+        per_layer = x.shape[2 if repeats else 1 :]
         for lead in ((4,), (2, 2), (2, 1, 2), (2, 2, 1)):
             whole = ",".join(map(str, (*lead, *per_layer)))
             found += [g for g in gathers if f"[{whole}]" in g]
@@ -141,33 +150,51 @@ def test_the_bubble_is_reported_at_start_and_in_every_row(tiny_cfg, caplog):
     assert PipelineSpec(stages=4, repeats=2, microbatches=8).bubble == pytest.approx(3 / 19)
 
 
-@pytest.mark.parametrize("spec, overrides, message", [
-    ("pp=4", ["model.n_layers=6"], "model.n_layers=6 is not divisible by 4 pipeline stages x "
-                                   "1 repeats = 4"),
-    ("pp=2", ["model.n_layers=4", "train.pipeline_repeats=4"],
-     "model.n_layers=4 is not divisible by 2 pipeline stages x 4 repeats = 8"),
-    ("pp=4", ["model.n_layers=4", "train.microbatches=2"],
-     "train.microbatches=2 is fewer than the 4 pipeline stages"),
-    ("pp=2", ["model.n_layers=4", "train.microbatches=3"],
-     "train.microbatches=3 does not divide the 16 sequences"),
-    ("dp=2", ["train.pipeline_repeats=2"], "train.pipeline_repeats needs a pipeline"),
-])
-def test_pipelines_that_do_not_fit_are_refused_with_the_numbers(tiny_cfg, spec, overrides,
-                                                                message):
+@pytest.mark.parametrize(
+    "spec, overrides, message",
+    [
+        (
+            "pp=4",
+            ["model.n_layers=6"],
+            "model.n_layers=6 is not divisible by 4 pipeline stages x 1 repeats = 4",
+        ),
+        (
+            "pp=2",
+            ["model.n_layers=4", "train.pipeline_repeats=4"],
+            "model.n_layers=4 is not divisible by 2 pipeline stages x 4 repeats = 8",
+        ),
+        (
+            "pp=4",
+            ["model.n_layers=4", "train.microbatches=2"],
+            "train.microbatches=2 is fewer than the 4 pipeline stages",
+        ),
+        (
+            "pp=2",
+            ["model.n_layers=4", "train.microbatches=3"],
+            "train.microbatches=3 does not divide the 16 sequences",
+        ),
+        ("dp=2", ["train.pipeline_repeats=2"], "train.pipeline_repeats needs a pipeline"),
+    ],
+)
+def test_pipelines_that_do_not_fit_are_refused_with_the_numbers(tiny_cfg, spec, overrides, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         build_program(tiny_cfg(*overrides), mesh(spec))
 
 
 def test_a_pipelined_checkpoint_continues_without_a_pipeline(tiny_cfg, tmp_path):
-    schedule = (*FOUR_LAYERS[:1], "train.decay_steps=8", "checkpoint.every=4",
-                "train.eval_every=0")
+    schedule = (*FOUR_LAYERS[:1], "train.decay_steps=8", "checkpoint.every=4", "train.eval_every=0")
     whole = train_rows(train.run(tiny_cfg("train.steps=8", *schedule), mesh("dp=1")))
     train.run(tiny_cfg("train.steps=4", *schedule), mesh("pp=2,dp=4"), tmp_path)
-    continued = train_rows(train.run(tiny_cfg("train.steps=8", *schedule), mesh("fsdp=8"),
-                                     tmp_path))
-    np.testing.assert_allclose([r["loss"] for r in continued], [r["loss"] for r in whole[4:]],
-                               rtol=1e-5)
+    continued = train_rows(
+        train.run(tiny_cfg("train.steps=8", *schedule), mesh("fsdp=8"), tmp_path)
+    )
+    np.testing.assert_allclose(
+        [r["loss"] for r in continued], [r["loss"] for r in whole[4:]], rtol=1e-5
+    )
 
     with pytest.raises(UsageError, match="resume with the train.pipeline_repeats it was"):
-        train.run(tiny_cfg("train.steps=8", *schedule, "train.pipeline_repeats=2"),
-                  mesh("pp=2,dp=4"), tmp_path)
+        train.run(
+            tiny_cfg("train.steps=8", *schedule, "train.pipeline_repeats=2"),
+            mesh("pp=2,dp=4"),
+            tmp_path,
+        )

@@ -18,20 +18,25 @@ def real_bytes_on_one_device(tree) -> int:
     return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("preset,spec,extra", [
-    ("tiny", "dp=2,fsdp=2,tp=2", []),
-    ("tiny", "dp=8", ["train.zero1=true"]),
-    ("gpt-124m", "fsdp=4,tp=2", []),
-])
+@pytest.mark.parametrize(
+    "preset,spec,extra",
+    [
+        ("tiny", "dp=2,fsdp=2,tp=2", []),
+        ("tiny", "dp=8", ["train.zero1=true"]),
+        ("gpt-124m", "fsdp=4,tp=2", []),
+    ],
+)
 def test_plan_bytes_match_the_shards_of_a_real_state(preset, spec, extra):
     cfg = config_lib.load(preset, extra)
     m = mesh.make_mesh(spec)
     figures = plan.make_plan(cfg, m, device=H100, compile=False)
     state = build_program(cfg, m).init(jax.random.key(0))
     assert figures["bytes_per_device"]["params"] == pytest.approx(
-        real_bytes_on_one_device(state.params), rel=0.02)
+        real_bytes_on_one_device(state.params), rel=0.02
+    )
     assert figures["bytes_per_device"]["optimizer"] == pytest.approx(
-        real_bytes_on_one_device(state.opt_state), rel=0.02)
+        real_bytes_on_one_device(state.opt_state), rel=0.02
+    )
 
 
 def test_compiled_matmul_flops_are_the_arithmetic_with_full_attention():
@@ -42,24 +47,40 @@ def test_compiled_matmul_flops_are_the_arithmetic_with_full_attention():
     figures = plan.make_plan(cfg, mesh.make_mesh("dp=4,tp=2"), device=H100)
     attention_forward = flops.attention_flops_per_token(cfg.model, cfg.train.seq_len)
     assert figures["xla_flops_per_token"] == pytest.approx(
-        figures["hardware_flops_per_token"] + 3 * attention_forward, rel=0.02)
+        figures["hardware_flops_per_token"] + 3 * attention_forward, rel=0.02
+    )
     state = figures["bytes_per_device"]
     assert figures["xla_bytes_per_device"] > state["params"] + state["optimizer"]
     assert figures["fits"]
 
 
 def run_plan(*args: str, timeout: int = 600):
-    return subprocess.run([sys.executable, "-m", "jaxlm.plan", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.plan", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("preset,spec,devices", [
-    ("gpt-1.3b", "fsdp=8", 8),
-    ("llama3-8b", "fsdp=8,tp=8", 64),
-])
+@pytest.mark.parametrize(
+    "preset,spec,devices",
+    [
+        ("gpt-1.3b", "fsdp=8", 8),
+        ("llama3-8b", "fsdp=8,tp=8", 64),
+    ],
+)
 def test_plan_compiles_large_models_on_fake_devices(preset, spec, devices):
-    out = run_plan("--config", preset, "--mesh", spec, "--devices", str(devices), "--json",
-                   "--device-kind", "h100", "model.remat=full", "train.micro_batch_size=1")
+    out = run_plan(
+        "--config",
+        preset,
+        "--mesh",
+        spec,
+        "--devices",
+        str(devices),
+        "--json",
+        "--device-kind",
+        "h100",
+        "model.remat=full",
+        "train.micro_batch_size=1",
+    )
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["devices"] == devices
@@ -71,19 +92,23 @@ def test_plan_compiles_large_models_on_fake_devices(preset, spec, devices):
 
 def test_plan_warns_by_the_rules_of_thumb():
     cfg = config_lib.load("tiny", ["train.microbatches=2"])
-    figures = plan.make_plan(cfg, mesh.make_mesh("pp=2,fsdp=2,tp=2"), device=H100,
-                             devices_per_node=1, compile=False)
+    figures = plan.make_plan(
+        cfg, mesh.make_mesh("pp=2,fsdp=2,tp=2"), device=H100, devices_per_node=1, compile=False
+    )
     text = " ".join(figures["warnings"])
     assert "spans nodes" in text and "tokens per data-parallel shard" in text
     assert "bubble" in text and "FSDP under a pipeline" in text
 
 
-@pytest.mark.parametrize("args", [
-    ["--config", "tiny", "--mesh", "dp=8", "--device-kind", "abacus"],
-    ["--config", "tiny", "--mesh", "tp=16"],  # 8 heads
-    ["--config", "tiny", "--mesh", "dp=-1"],  # no --devices
-    ["--config", "tiny", "--mesh", "dp=8", "model.n_layrs=3"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config", "tiny", "--mesh", "dp=8", "--device-kind", "abacus"],
+        ["--config", "tiny", "--mesh", "tp=16"],  # 8 heads
+        ["--config", "tiny", "--mesh", "dp=-1"],  # no --devices
+        ["--config", "tiny", "--mesh", "dp=8", "model.n_layrs=3"],
+    ],
+)
 def test_plan_bad_input_exits_2(args):
     out = run_plan(*args, "--no-compile", timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
@@ -92,8 +117,9 @@ def test_plan_bad_input_exits_2(args):
 
 def test_tune_ranks_gpt_124m_layouts_on_8_devices():
     cfg = config_lib.load("gpt-124m")
-    result = tune.search(cfg, jax.devices(), device=H100, per_node=8, memory_gb=80,
-                         max_trials=6, measure=False)
+    result = tune.search(
+        cfg, jax.devices(), device=H100, per_node=8, memory_gb=80, max_trials=6, measure=False
+    )
     layouts = result["layouts"]
     assert layouts and result["best"] == layouts[0]["command"]
     assert [r["step_s"] for r in layouts] == sorted(r["step_s"] for r in layouts)
@@ -106,14 +132,26 @@ def test_tune_ranks_gpt_124m_layouts_on_8_devices():
 
 
 def _layout(row):
-    return {"sizes": mesh.resolve(mesh.read(row["mesh"]), 8), "remat": row["remat"],
-            "zero1": row["zero1"], "micro_batch": row["micro_batch"]}
+    return {
+        "sizes": mesh.resolve(mesh.read(row["mesh"]), 8),
+        "remat": row["remat"],
+        "zero1": row["zero1"],
+        "micro_batch": row["micro_batch"],
+    }
 
 
 def test_tune_measures_steps_when_asked():
     cfg = config_lib.load("tiny", ["model.compute_dtype=float32"])
-    result = tune.search(cfg, jax.devices()[:2], device=H100, per_node=8, memory_gb=80,
-                         max_trials=3, measure=True, steps=2)
+    result = tune.search(
+        cfg,
+        jax.devices()[:2],
+        device=H100,
+        per_node=8,
+        memory_gb=80,
+        max_trials=3,
+        measure=True,
+        steps=2,
+    )
     assert result["ranked_by"] == "measured steps"
     assert len(result["layouts"]) == 3
     assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in result["layouts"])

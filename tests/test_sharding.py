@@ -15,8 +15,12 @@ def init(cfg, spec):
 
 
 def bytes_on(tree, device) -> int:
-    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
-               if s.device == device)
+    return sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(tree)
+        for s in x.addressable_shards
+        if s.device == device
+    )
 
 
 def total_bytes(tree) -> int:
@@ -43,8 +47,9 @@ def test_zero1_shards_only_the_optimizer_state(tiny_cfg):
     state = init(tiny_cfg("train.zero1=true"), "dp=8")
     device = jax.devices()[5]
     assert bytes_on(state.params, device) == total_bytes(state.params)
-    assert bytes_on(state.opt_state, device) == pytest.approx(total_bytes(state.opt_state) / 8,
-                                                              rel=0.05)
+    assert bytes_on(state.opt_state, device) == pytest.approx(
+        total_bytes(state.opt_state) / 8, rel=0.05
+    )
 
 
 def test_tensor_parallel_is_megatron_layout(tiny_cfg):
@@ -66,16 +71,37 @@ def test_logical_names_map_through_the_table():
     assert sharding.spec(("embed", "mlp")) == jax.P("fsdp", "tensor")
 
 
-@pytest.mark.parametrize("spec, overrides, message", [
-    ("tp=8", [], "model.n_kv_heads=4 is not divisible by tensor=8"),
-    ("tp=4,dp=2", ["model.n_heads=6", "model.head_dim=8", "model.n_kv_heads=2"],
-     "model.n_heads=6 is not divisible by tensor=4"),
-    ("tp=4,dp=2", ["model.vocab_size=250"], "model.vocab_size=250 is not divisible by tensor=4"),
-    ("fsdp=8", ["model.d_model=60", "model.head_dim=8"], "model.d_model=60 is not divisible by fsdp=8"),
-    ("dp=8", ["train.global_batch_size=12"], "global_batch_size=12 is not divisible by the "
-                                             "data-parallel size 8"),
-    ("dp=8", ["train.micro_batch_size=3"], "micro_batch_size=3 does not divide the 2 sequences"),
-])
+@pytest.mark.parametrize(
+    "spec, overrides, message",
+    [
+        ("tp=8", [], "model.n_kv_heads=4 is not divisible by tensor=8"),
+        (
+            "tp=4,dp=2",
+            ["model.n_heads=6", "model.head_dim=8", "model.n_kv_heads=2"],
+            "model.n_heads=6 is not divisible by tensor=4",
+        ),
+        (
+            "tp=4,dp=2",
+            ["model.vocab_size=250"],
+            "model.vocab_size=250 is not divisible by tensor=4",
+        ),
+        (
+            "fsdp=8",
+            ["model.d_model=60", "model.head_dim=8"],
+            "model.d_model=60 is not divisible by fsdp=8",
+        ),
+        (
+            "dp=8",
+            ["train.global_batch_size=12"],
+            "global_batch_size=12 is not divisible by the data-parallel size 8",
+        ),
+        (
+            "dp=8",
+            ["train.micro_batch_size=3"],
+            "micro_batch_size=3 does not divide the 2 sequences",
+        ),
+    ],
+)
 def test_layouts_that_do_not_fit_are_refused(tiny_cfg, spec, overrides, message):
     devices = jax.devices()[:1] if spec == "dp=1" else None
     with pytest.raises(UsageError, match=message):

@@ -50,15 +50,32 @@ def wait(predicate, what: str, timeout: float):
 
 def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_path):
     out = tmp_path / "run"
-    env = {"JAXLM_PYTHON": sys.executable, "JAXLM_HOME": str(REPO), "JAX_NUM_CPU_DEVICES": "4",
-           "JAX_PLATFORMS": "cpu", "JAXLM_CACHE": os.environ["JAXLM_CACHE"]}
+    env = {
+        "JAXLM_PYTHON": sys.executable,
+        "JAXLM_HOME": str(REPO),
+        "JAX_NUM_CPU_DEVICES": "4",
+        "JAX_PLATFORMS": "cpu",
+        "JAXLM_CACHE": os.environ["JAXLM_CACHE"],
+    }
     job = slurm.sbatch(
-        "--ntasks=2", "--ntasks-per-node=2", f"--output={tmp_path}/job.out",
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        f"--output={tmp_path}/job.out",
         "launch/cpu-cluster.sbatch",
-        "--config", "tiny", "--mesh", "dp=2,fsdp=2,tp=2", "--out", str(out),
-        "train.steps=60", "checkpoint.every=1000", "train.eval_every=0",
-        "distributed.heartbeat_timeout=20", "distributed.init_timeout=60",
-        env=env, cwd=REPO)
+        "--config",
+        "tiny",
+        "--mesh",
+        "dp=2,fsdp=2,tp=2",
+        "--out",
+        str(out),
+        "train.steps=60",
+        "checkpoint.every=1000",
+        "train.eval_every=0",
+        "distributed.heartbeat_timeout=20",
+        "distributed.init_timeout=60",
+        env=env,
+        cwd=REPO,
+    )
     try:
         wait(lambda: len(train_steps(out)) >= 8, "8 steps of the first run", 300)
         slurm.signal(job, "USR1")  # as `#SBATCH --signal=USR1@120` does before the time limit

@@ -19,11 +19,12 @@ from jaxlm.cli import run_command
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.convert",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxlm.convert", description=__doc__.split("\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
-    mesh_help = ("where the parameters live while they are converted: a mesh spec or preset "
-                 "(default fsdp=-1, split over all devices)")
+    mesh_help = (
+        "where the parameters live while they are converted: a mesh spec or preset "
+        "(default fsdp=-1, split over all devices)"
+    )
 
     into = commands.add_parser("from-hf", help="a Hugging Face directory -> a jaxlm run")
     into.add_argument("hf_dir", type=pathlib.Path, metavar="HF_DIR")
@@ -35,11 +36,16 @@ def parse_args(argv):
     out.add_argument("--out", type=pathlib.Path, required=True, metavar="HF_DIR")
     out.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
     out.add_argument("--mesh", default="fsdp=-1", help=mesh_help)
-    out.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                     help="dtype of the written weights (default float32, as trained)")
+    out.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the written weights (default float32, as trained)",
+    )
     for sub in (into, out):
-        sub.add_argument("--cpu-devices", type=int,
-                         help="on CPU, pretend to have this many devices")
+        sub.add_argument(
+            "--cpu-devices", type=int, help="on CPU, pretend to have this many devices"
+        )
     return p.parse_args(argv)
 
 
@@ -56,8 +62,9 @@ def main(argv=None) -> int:
         else:
             from jaxlm.convert import to_hf
 
-            to_hf.convert(args.run_dir, args.out, step=args.step, mesh_spec=args.mesh,
-                          dtype=args.dtype)
+            to_hf.convert(
+                args.run_dir, args.out, step=args.step, mesh_spec=args.mesh, dtype=args.dtype
+            )
 
     return run_command(body)
 

@@ -48,8 +48,10 @@ class SafetensorsDir:
         files = sorted(directory.glob("*.safetensors"))
         if not files:
             found = "PyTorch .bin files" if list(directory.glob("*.bin")) else "no weights"
-            raise UsageError(f"{directory} holds {found}: jaxlm reads .safetensors files "
-                             f"(save the model with save_pretrained(..., safe_serialization=True))")
+            raise UsageError(
+                f"{directory} holds {found}: jaxlm reads .safetensors files "
+                f"(save the model with save_pretrained(..., safe_serialization=True))"
+            )
         self._handles = {}
         self._file_of: dict[str, pathlib.Path] = {}
         for path in files:
@@ -102,19 +104,36 @@ def convert(hf_dir, out, mesh_spec: str = "fsdp=-1") -> pathlib.Path:
         del host  # the device copy (in shards) is all that is kept
     params = layouts.nested(params)
 
-    tokenizer_files = [f for f in (tokenizer, hf_dir / "tokenizer_config.json")
-                       if tokenizer.is_file() and f.is_file()]
-    path = write_run(out, cfg, params, mesh, tokenizer_files,
-                     converted_from=str(hf_dir.absolute()), architecture=arch)
-    log.info("converted the %s in %s (%s parameters, %d tensors) into %s", arch, hf_dir,
-             f"{model_lib.param_count(spec.shapes):,}", len(names), path)
+    tokenizer_files = [
+        f
+        for f in (tokenizer, hf_dir / "tokenizer_config.json")
+        if tokenizer.is_file() and f.is_file()
+    ]
+    path = write_run(
+        out,
+        cfg,
+        params,
+        mesh,
+        tokenizer_files,
+        converted_from=str(hf_dir.absolute()),
+        architecture=arch,
+    )
+    log.info(
+        "converted the %s in %s (%s parameters, %d tensors) into %s",
+        arch,
+        hf_dir,
+        f"{model_lib.param_count(spec.shapes):,}",
+        len(names),
+        path,
+    )
     if not tokenizer.is_file():
         log.info("%s has no SentencePiece tokenizer.model: generation needs --tokenizer", hf_dir)
     return path
 
 
-def write_run(out: pathlib.Path, cfg: config_lib.Config, params, mesh, tokenizer_files=(),
-              **metadata) -> pathlib.Path:
+def write_run(
+    out: pathlib.Path, cfg: config_lib.Config, params, mesh, tokenizer_files=(), **metadata
+) -> pathlib.Path:
     """Save `params` (arrays of the model `cfg` describes) as the step-0 checkpoint of a new run
     directory, with its config.yaml and tokenizer files; return the checkpoint's path."""
     out = pathlib.Path(out)
@@ -125,9 +144,15 @@ def write_run(out: pathlib.Path, cfg: config_lib.Config, params, mesh, tokenizer
             shutil.copyfile(f, out / pathlib.Path(f).name)
     except OSError as e:
         raise UsageError(f"cannot write to {out}: {e.strerror}") from None
-    metadata = {"param_shapes": checkpoint.param_shapes(params), "seed": None, "data": None,
-                "mesh": mesh_lib.describe(dict(mesh.shape)), "devices": mesh.devices.size,
-                "params_only": True, **metadata}
+    metadata = {
+        "param_shapes": checkpoint.param_shapes(params),
+        "seed": None,
+        "data": None,
+        "mesh": mesh_lib.describe(dict(mesh.shape)),
+        "devices": mesh.devices.size,
+        "params_only": True,
+        **metadata,
+    }
     checkpoints = checkpoint.Checkpoints(out, config_lib.CheckpointConfig(async_save=False))
     checkpoints.save(0, {"params": params}, {}, cfg, metadata, wait=True)
     checkpoints.close()
@@ -156,7 +181,7 @@ def _plan(table, shapes, n_layers, files: SafetensorsDir, hf_dir):
     for tensor in table:
         slices = [layouts.slice_shape(shapes[p], tensor.per_layer) for p in tensor.params]
         start = 0
-        for path, shape in zip(tensor.params, slices):
+        for path, shape in zip(tensor.params, slices, strict=True):
             width = layouts.piece_width(shape, tensor.split)
             sources[path] = _Source(tensor, start, start + width)
             start += width
@@ -170,28 +195,37 @@ def _plan(table, shapes, n_layers, files: SafetensorsDir, hf_dir):
             names[name] = found
             got = files.slice(found)
             if tuple(got.get_shape()) != expected or got.get_dtype() not in _FLOAT_DTYPES:
-                wrong.append(f"{found} {got.get_dtype()}{list(got.get_shape())} "
-                             f"(expected floats of shape {list(expected)})")
+                wrong.append(
+                    f"{found} {got.get_dtype()}{list(got.get_shape())} "
+                    f"(expected floats of shape {list(expected)})"
+                )
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise UsageError(f"{hf_dir} lacks tensors the config implies: "
-                         f"{', '.join(missing[:5])}{more}")
+        raise UsageError(
+            f"{hf_dir} lacks tensors the config implies: {', '.join(missing[:5])}{more}"
+        )
     if wrong:
-        raise UsageError(f"{hf_dir} has tensors of other shapes than its config implies: "
-                         f"{'; '.join(wrong[:3])}")
+        raise UsageError(
+            f"{hf_dir} has tensors of other shapes than its config implies: {'; '.join(wrong[:3])}"
+        )
     tied_head = {"lm_head.weight"} if "lm_head" not in shapes else set()  # a copy of the table
-    extra = sorted(n for n in available - set(names.values()) - tied_head
-                   if not n.endswith(layouts.IGNORED_SUFFIXES))
+    extra = sorted(
+        n
+        for n in available - set(names.values()) - tied_head
+        if not n.endswith(layouts.IGNORED_SUFFIXES)
+    )
     if extra:
         more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-        raise UsageError(f"{hf_dir} has tensors jaxlm's model has no place for: "
-                         f"{', '.join(extra[:5])}{more}")
+        raise UsageError(
+            f"{hf_dir} has tensors jaxlm's model has no place for: {', '.join(extra[:5])}{more}"
+        )
     for tensor in table:
         if tensor.zeros:  # e.g. Llama's gate bias, which jaxlm's SwiGLU does not have
             for name in [tensor.name.format(i=i) for i in range(n_layers)]:
                 if np.any(files.slice(names[name])[:]):
-                    raise UsageError(f"{hf_dir}: {names[name]} is not zero, and jaxlm's model "
-                                     f"has no such bias")
+                    raise UsageError(
+                        f"{hf_dir}: {names[name]} is not zero, and jaxlm's model has no such bias"
+                    )
     return sources, names
 
 

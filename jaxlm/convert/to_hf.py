@@ -29,9 +29,9 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxlm import runs
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
+from jaxlm import runs
 from jaxlm.convert import layouts
 from jaxlm.errors import UsageError
 
@@ -41,8 +41,15 @@ SHARD_BYTES = 2 << 30  # Hugging Face's tools handle any size; 2 GiB bounds the 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-def convert(run_dir, out, *, step: int | None = None, mesh_spec: str = "fsdp=-1",
-            dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> pathlib.Path:
+def convert(
+    run_dir,
+    out,
+    *,
+    step: int | None = None,
+    mesh_spec: str = "fsdp=-1",
+    dtype: str = "float32",
+    shard_bytes: int = SHARD_BYTES,
+) -> pathlib.Path:
     """Export the run's newest checkpoint (or that of `step`) to the directory `out`."""
     run = runs.open_run(run_dir, step)
     cfg = run.cfg.model
@@ -73,15 +80,27 @@ def convert(run_dir, out, *, step: int | None = None, mesh_spec: str = "fsdp=-1"
     bos = eos = None
     if tokenizer is not None:
         bos, eos = _write_tokenizer(tokenizer, run, out, cfg.max_seq_len)
-        (out / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": True}, indent=2))
+        (out / "generation_config.json").write_text(
+            json.dumps(
+                {"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": True}, indent=2
+            )
+        )
     config = layouts.hf_config(cfg, arch, dtype=dtype, bos=bos, eos=eos)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    log.info("exported step %d of %s as %s to %s (%d file%s)", run.step, run.directory, arch,
-             out, len(files), "s" if len(files) > 1 else "")
+    log.info(
+        "exported step %d of %s as %s to %s (%d file%s)",
+        run.step,
+        run.directory,
+        arch,
+        out,
+        len(files),
+        "s" if len(files) > 1 else "",
+    )
     if tokenizer is None:
-        log.info("no tokenizer written: the run has no SentencePiece model (synthetic data?), "
-                 "so transformers loads the weights and config only")
+        log.info(
+            "no tokenizer written: the run has no SentencePiece model (synthetic data?), "
+            "so transformers loads the weights and config only"
+        )
     return out
 
 
@@ -92,7 +111,8 @@ def _hf_tensor(tensor: layouts.Tensor, slices: list[np.ndarray]) -> np.ndarray:
     if tensor.split is None:
         return np.concatenate([s.reshape(-1) for s in slices])
     joined = np.concatenate(
-        [s.reshape(int(np.prod(s.shape[:tensor.split])), -1) for s in slices], axis=1)
+        [s.reshape(int(np.prod(s.shape[: tensor.split])), -1) for s in slices], axis=1
+    )
     return np.ascontiguousarray(joined.T if tensor.transpose else joined)
 
 
@@ -124,10 +144,13 @@ class _ShardWriter:
         if self.pending or not self.files:
             self._flush()
         n = len(self.files)
-        names = (["model.safetensors"] if n == 1 else
-                 [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)])
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        )
         weight_map = {}
-        for (path, tensors), name in zip(self.files, names):
+        for (path, tensors), name in zip(self.files, names, strict=True):
             path.rename(self.out / name)
             weight_map.update(dict.fromkeys(tensors, name))
         if n > 1:
@@ -136,8 +159,9 @@ class _ShardWriter:
         return [self.out / name for name in names]
 
 
-def _write_tokenizer(model: pathlib.Path, run: runs.Run, out: pathlib.Path,
-                     context: int) -> tuple[int | None, int | None]:
+def _write_tokenizer(
+    model: pathlib.Path, run: runs.Run, out: pathlib.Path, context: int
+) -> tuple[int | None, int | None]:
     """Copy the SentencePiece model and describe it for transformers; (bos, eos) ids."""
     import sentencepiece as spm
 
@@ -148,18 +172,24 @@ def _write_tokenizer(model: pathlib.Path, run: runs.Run, out: pathlib.Path,
     if kept.is_file():
         shutil.copyfile(kept, out / "tokenizer_config.json")
     else:
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer",
-            "legacy": False,  # Metaspace prepending "▁" once, as SentencePiece's dummy prefix
-            "add_prefix_space": True,
-            "add_bos_token": False,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,  # code: decode must give the text back
-            "bos_token": piece(sp.bos_id()),
-            "eos_token": piece(sp.eos_id()),
-            "unk_token": piece(sp.unk_id()),
-            "pad_token": piece(sp.pad_id()),
-            "model_max_length": context,
-        }, indent=2))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    # Metaspace prepending "▁" once, as SentencePiece's dummy prefix
+                    "legacy": False,
+                    "add_prefix_space": True,
+                    "add_bos_token": False,
+                    "add_eos_token": False,
+                    "clean_up_tokenization_spaces": False,  # code: decode must give the text back
+                    "bos_token": piece(sp.bos_id()),
+                    "eos_token": piece(sp.eos_id()),
+                    "unk_token": piece(sp.unk_id()),
+                    "pad_token": piece(sp.pad_id()),
+                    "model_max_length": context,
+                },
+                indent=2,
+            )
+        )
     ids = (sp.bos_id(), sp.eos_id())
     return tuple(i if i >= 0 else None for i in ids)

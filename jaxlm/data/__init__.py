@@ -54,8 +54,13 @@ def make_batches(cfg: Config, sharding, *, split: str = "train", directory=None)
         from jaxlm.data.synthetic import SyntheticBatches
 
         seed = cfg.train.seed + (0 if train else _EVAL_SEED_OFFSET)
-        return SyntheticBatches(batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
-                                vocab_size=cfg.model.vocab_size, seed=seed, sharding=sharding)
+        return SyntheticBatches(
+            batch_size=cfg.train.global_batch_size,
+            seq_len=cfg.train.seq_len,
+            vocab_size=cfg.model.vocab_size,
+            seed=seed,
+            sharding=sharding,
+        )
     from jaxlm.data.pipeline import GlobalBatches, PackedBatches
     from jaxlm.data.shards import PreparedSplit
 

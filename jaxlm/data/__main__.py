@@ -24,25 +24,42 @@ def parse_args(argv):
     commands = p.add_subparsers(dest="command", required=True)
 
     def inputs(sub):
-        sub.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                         help="text files, directories, globs or .jsonl files")
+        sub.add_argument(
+            "--input",
+            nargs="+",
+            required=True,
+            metavar="PATH",
+            help="text files, directories, globs or .jsonl files",
+        )
         sub.add_argument("--jsonl-field", default="text", help="the text field of JSONL records")
 
     tok = commands.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer")
     inputs(tok)
     tok.add_argument("--vocab-size", type=int, required=True)
     tok.add_argument("--out", type=pathlib.Path, required=True, metavar="FILE.model")
-    tok.add_argument("--max-sentences", type=int, default=2_000_000,
-                     help="train on a sample of at most this many text chunks")
+    tok.add_argument(
+        "--max-sentences",
+        type=int,
+        default=2_000_000,
+        help="train on a sample of at most this many text chunks",
+    )
 
     prep = commands.add_parser("prepare", help="tokenize documents into shards")
     inputs(prep)
     prep.add_argument("--tokenizer", type=pathlib.Path, required=True, metavar="FILE.model")
     prep.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR")
-    prep.add_argument("--val-fraction", type=float, default=0.01,
-                      help="share of documents held out for validation (default 0.01)")
-    prep.add_argument("--shard-tokens", type=int, default=prepare.SHARD_TOKENS,
-                      help="tokens per shard (a shard closes at the next document end)")
+    prep.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of documents held out for validation (default 0.01)",
+    )
+    prep.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=prepare.SHARD_TOKENS,
+        help="tokens per shard (a shard closes at the next document end)",
+    )
     prep.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
     return p.parse_args(argv)
 
@@ -53,12 +70,19 @@ def main(argv=None) -> int:
     def body():
         inputs = corpus.resolve_inputs(args.input, args.jsonl_field)
         if args.command == "tokenizer":
-            tokenizer.train(inputs.documents(), args.vocab_size, args.out,
-                            max_sentences=args.max_sentences)
+            tokenizer.train(
+                inputs.documents(), args.vocab_size, args.out, max_sentences=args.max_sentences
+            )
             log.info("wrote %s (%d pieces)", args.out, args.vocab_size)
         else:
-            prepare.prepare(inputs, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                            shard_tokens=args.shard_tokens, workers=args.workers)
+            prepare.prepare(
+                inputs,
+                args.tokenizer,
+                args.out,
+                val_fraction=args.val_fraction,
+                shard_tokens=args.shard_tokens,
+                workers=args.workers,
+            )
 
     return run_command(body)
 

@@ -74,8 +74,11 @@ def resolve_inputs(inputs: Sequence[str], jsonl_field: str = "text") -> Inputs:
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
         elif glob.has_magic(item):
-            found = sorted(pathlib.Path(p) for p in glob.glob(item, recursive=True)
-                           if pathlib.Path(p).is_file())
+            found = sorted(
+                pathlib.Path(p)
+                for p in glob.glob(item, recursive=True)
+                if pathlib.Path(p).is_file()
+            )
         else:
             raise UsageError(f"input '{item}' does not exist")
         if not found:
@@ -90,8 +93,9 @@ def resolve_inputs(inputs: Sequence[str], jsonl_field: str = "text") -> Inputs:
 def stdlib_inputs() -> Inputs:
     """The standard library's .py files (site-packages excluded), in sorted order."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if not {"site-packages", "dist-packages"} & set(p.parts))
+    files = sorted(
+        p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts)
+    )
     return Inputs(files)
 
 

@@ -35,14 +35,30 @@ _EPOCHS = 1 << 20  # the index space of a training run: far more epochs than any
 class PackedBatches:
     """A grain data source: element i is this process's rows of global batch i, as NumPy."""
 
-    def __init__(self, split: PreparedSplit, *, seq_len: int, global_batch: int, seed: int,
-                 shuffle: bool = True, segments: bool = True, process_index: int = 0,
-                 process_count: int = 1, name: str = "train"):
+    def __init__(
+        self,
+        split: PreparedSplit,
+        *,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        shuffle: bool = True,
+        segments: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        name: str = "train",
+    ):
         self.split, self.window = split, seq_len + 1
-        self.global_batch, self.seed, self.shuffle, self.segments = global_batch, seed, shuffle, segments
+        self.global_batch, self.seed, self.shuffle, self.segments = (
+            global_batch,
+            seed,
+            shuffle,
+            segments,
+        )
         if global_batch % process_count:
-            raise UsageError(f"the global batch of {global_batch} does not divide over "
-                             f"{process_count} processes")
+            raise UsageError(
+                f"the global batch of {global_batch} does not divide over {process_count} processes"
+            )
         self.rows = global_batch // process_count
         self.first_row = process_index * self.rows
         self.batches_per_epoch = split.num_tokens // self.window // global_batch
@@ -61,7 +77,7 @@ class PackedBatches:
         order, ends = self._epoch(epoch)
         first_window = batch * self.global_batch + self.first_row
         rows = [self._window(order, ends, first_window + r) for r in range(self.rows)]
-        tokens, segments, positions = (np.stack(x) for x in zip(*rows))
+        tokens, segments, positions = (np.stack(x) for x in zip(*rows, strict=True))
         batch = {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
@@ -71,12 +87,15 @@ class PackedBatches:
             batch["segments"], batch["positions"] = segments[:, :-1], positions[:, :-1]
         return batch
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (two epochs, as long-lived as the iterator)
     def _epoch(self, epoch: int):
         """Document order of an epoch and the cumulative end of each document in its stream."""
         n = len(self.split)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
+        order = (
+            np.random.default_rng([self.seed, epoch]).permutation(n)
+            if self.shuffle
+            else np.arange(n)
+        )
         return order, np.cumsum(self.split.doc_length[order])
 
     def _window(self, order, ends, window: int):
@@ -90,9 +109,9 @@ class PackedBatches:
             doc_start = ends[k] - self.split.doc_length[order[k]]
             lo, hi = start + filled - doc_start, min(stop, ends[k]) - doc_start
             n = hi - lo
-            tokens[filled:filled + n] = self.split.read(order[k], lo, hi)
-            segments[filled:filled + n] = segment
-            positions[filled:filled + n] = np.arange(n)
+            tokens[filled : filled + n] = self.split.read(order[k], lo, hi)
+            segments[filled : filled + n] = segment
+            positions[filled : filled + n] = np.arange(n)
             filled, segment, k = filled + n, segment + 1, k + 1
         return tokens, segments, positions
 
@@ -100,8 +119,9 @@ class PackedBatches:
 class GlobalBatches:
     """Iterator of global batches (jax.Arrays on the batch sharding) with a saveable state."""
 
-    def __init__(self, source: PackedBatches, sharding: NamedSharding, *, threads: int = 1,
-                 prefetch: int = 4):
+    def __init__(
+        self, source: PackedBatches, sharding: NamedSharding, *, threads: int = 1, prefetch: int = 4
+    ):
         self.source, self.sharding = source, sharding
         self.position = 0  # batches consumed
         options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)

@@ -48,9 +48,15 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}"
 
 
-def prepare(inputs: Inputs, tokenizer_path: pathlib.Path, out: pathlib.Path, *,
-            val_fraction: float = 0.01, shard_tokens: int = SHARD_TOKENS,
-            workers: int | None = None) -> dict:
+def prepare(
+    inputs: Inputs,
+    tokenizer_path: pathlib.Path,
+    out: pathlib.Path,
+    *,
+    val_fraction: float = 0.01,
+    shard_tokens: int = SHARD_TOKENS,
+    workers: int | None = None,
+) -> dict:
     """Tokenize `inputs` into shards under `out`; resume or return at once if already done."""
     if not 0 <= val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), not {val_fraction}")
@@ -84,7 +90,9 @@ def prepare(inputs: Inputs, tokenizer_path: pathlib.Path, out: pathlib.Path, *,
         pending: list[tuple[int, str, Document]] = []
 
         def encode_pending():
-            for (index, split, doc), ids in zip(pending, encode([d.text for _, _, d in pending])):
+            for (index, split, doc), ids in zip(
+                pending, encode([d.text for _, _, d in pending]), strict=True
+            ):
                 writers[split].add(index, ids, doc.replaced)
             progress.update(inputs.bytes_read)
             pending.clear()
@@ -103,8 +111,10 @@ def prepare(inputs: Inputs, tokenizer_path: pathlib.Path, out: pathlib.Path, *,
 
     shards = {split: writers[split].committed() for split in SPLITS}
     if not any(s["documents"] for s in shards["train"]):
-        raise UsageError(f"the inputs hold no text: {len(inputs.files)} files, "
-                         f"{inputs.skipped_binary} of them binary")
+        raise UsageError(
+            f"the inputs hold no text: {len(inputs.files)} files, "
+            f"{inputs.skipped_binary} of them binary"
+        )
     manifest = {
         **settings,
         "shard_tokens": shard_tokens,
@@ -118,9 +128,15 @@ def prepare(inputs: Inputs, tokenizer_path: pathlib.Path, out: pathlib.Path, *,
     }
     _write_atomic(manifest_path, json.dumps(manifest, indent=2))
     seconds = time.perf_counter() - started
-    log.info("prepared %s tokens (%s validation) from %.1f MB in %.1f s (%.1f MB/s) into %s",
-             f"{manifest['tokens']['train']:,}", f"{manifest['tokens']['val']:,}",
-             inputs.total_bytes / 1e6, seconds, inputs.total_bytes / 1e6 / max(seconds, 1e-9), out)
+    log.info(
+        "prepared %s tokens (%s validation) from %.1f MB in %.1f s (%.1f MB/s) into %s",
+        f"{manifest['tokens']['train']:,}",
+        f"{manifest['tokens']['val']:,}",
+        inputs.total_bytes / 1e6,
+        seconds,
+        inputs.total_bytes / 1e6 / max(seconds, 1e-9),
+        out,
+    )
     return manifest
 
 
@@ -132,8 +148,10 @@ def _check_same_settings(out: pathlib.Path, found: dict, wanted: dict) -> None:
         )
     for key in ("inputs_sha256", "val_period", "format"):
         if found.get(key) != wanted[key]:
-            raise UsageError(f"{out} was prepared from other inputs or settings ({key} differs): "
-                             f"use another --out")
+            raise UsageError(
+                f"{out} was prepared from other inputs or settings ({key} differs): "
+                f"use another --out"
+            )
 
 
 def _inputs_fingerprint(inputs: Inputs) -> str:
@@ -182,14 +200,19 @@ class _ShardWriter:
         name = shard_name(self.split, len(self._committed))
         tokens = np.concatenate(self._arrays).astype(self.dtype)
         offsets = np.concatenate([[0], np.cumsum(self._lengths)]).astype(np.int64)
-        for suffix, write in ((".bin", tokens.tofile), (".docs.npy", lambda f: np.save(f, offsets))):
+        for suffix, write in (
+            (".bin", tokens.tofile),
+            (".docs.npy", lambda f: np.save(f, offsets)),
+        ):
             tmp = self.out / f"{name}{suffix}.tmp"
             with open(tmp, "wb") as f:
                 write(f)
             os.replace(tmp, self.out / f"{name}{suffix}")
         info = {
-            **{k: self.settings[k] for k in ("format", "tokenizer_sha256", "inputs_sha256",
-                                             "val_period")},
+            **{
+                k: self.settings[k]
+                for k in ("format", "tokenizer_sha256", "inputs_sha256", "val_period")
+            },
             "name": name,
             "tokens": int(len(tokens)),
             "documents": len(self._lengths),
@@ -255,11 +278,17 @@ class _Progress:
         self.total, self.done, self._next_log = max(total, 1), 0, 0.1
         self._bar = None
         if sys.stdout.isatty():
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
-            self._bar = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                 TimeRemainingColumn())
+            self._bar = Progress(
+                BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()
+            )
             self._task = self._bar.add_task("prepare", total=self.total)
 
     def __enter__(self):
@@ -279,4 +308,3 @@ class _Progress:
     def __exit__(self, *exc):
         if self._bar:
             self._bar.stop()
-

@@ -57,7 +57,7 @@ class PreparedSplit:
     def read(self, document: int, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of a document."""
         base = self.doc_start[document]
-        return self._shards[self.doc_shard[document]][base + start: base + stop]
+        return self._shards[self.doc_shard[document]][base + start : base + stop]
 
     def _open_shard(self, name: str, dtype: np.dtype, verify: bool):
         bin_path = self.directory / f"{name}.bin"
@@ -69,8 +69,10 @@ class PreparedSplit:
         expected = info["tokens"] * dtype.itemsize
         actual = bin_path.stat().st_size if bin_path.exists() else -1
         if actual != expected:
-            raise UsageError(f"shard {bin_path} is truncated or corrupt: {actual} bytes where "
-                             f"{expected} were written")
+            raise UsageError(
+                f"shard {bin_path} is truncated or corrupt: {actual} bytes where "
+                f"{expected} were written"
+            )
         if len(offsets) != info["documents"] + 1 or offsets[-1] != info["tokens"]:
             raise UsageError(f"shard {bin_path} is corrupt: its document offsets do not match")
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")

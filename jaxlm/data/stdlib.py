@@ -34,8 +34,13 @@ def dataset(vocab_size: int) -> pathlib.Path:
     # file system that honours flock, as Lustre and GPFS do when mounted with it).
     with _locked(cache_dir() / f"{name}.lock"):
         if not (target / "manifest.json").exists():  # another process may have built it
-            log.info("building the default corpus (Python %s standard library, vocabulary %d) "
-                     "in %s; later runs reuse it", sys.version.split()[0], vocab_size, target)
+            log.info(
+                "building the default corpus (Python %s standard library, vocabulary %d) "
+                "in %s; later runs reuse it",
+                sys.version.split()[0],
+                vocab_size,
+                target,
+            )
             inputs = corpus.stdlib_inputs()
             model = tokenizer.train(inputs.documents(), vocab_size, target / "tokenizer.model")
             prepare.prepare(inputs, model, target, val_fraction=VAL_FRACTION)

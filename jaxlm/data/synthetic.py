@@ -19,13 +19,15 @@ BRANCHING = 4
 class SyntheticBatches:
     """Iterator of global batches {inputs, targets, weights} [B, L] on `sharding`."""
 
-    def __init__(self, *, batch_size: int, seq_len: int, vocab_size: int, seed: int,
-                 sharding: NamedSharding):
+    def __init__(
+        self, *, batch_size: int, seq_len: int, vocab_size: int, seed: int, sharding: NamedSharding
+    ):
         self.position = 0
         self._replicated = NamedSharding(sharding.mesh, PartitionSpec())
         self._make = jax.jit(
-            functools.partial(_batch, shape=(batch_size, seq_len), vocab_size=vocab_size,
-                              seed=seed),
+            functools.partial(
+                _batch, shape=(batch_size, seq_len), vocab_size=vocab_size, seed=seed
+            ),
             out_shardings=sharding,
         )
 

@@ -25,8 +25,14 @@ _CHUNK_CHARS = 4096  # SentencePiece's sentences are short; documents are cut at
 _SPECIAL_PIECES = 3 + 1 + 256  # unk, bos, eos, the newline, and 256 byte pieces
 
 
-def train(documents: Iterable[Document], vocab_size: int, out: pathlib.Path, *,
-          max_sentences: int = 2_000_000, threads: int = 2) -> pathlib.Path:
+def train(
+    documents: Iterable[Document],
+    vocab_size: int,
+    out: pathlib.Path,
+    *,
+    max_sentences: int = 2_000_000,
+    threads: int = 2,
+) -> pathlib.Path:
     """Train a tokenizer of exactly `vocab_size` pieces on `documents`; write it to `out`."""
     if vocab_size < _SPECIAL_PIECES + 64:
         raise UsageError(
@@ -55,8 +61,10 @@ def train(documents: Iterable[Document], vocab_size: int, out: pathlib.Path, *,
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise UsageError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on "
-                         f"these inputs: {e}".replace("\n", " ")) from None
+        raise UsageError(
+            f"SentencePiece could not train a {vocab_size}-piece tokenizer on "
+            f"these inputs: {e}".replace("\n", " ")
+        ) from None
     if chunks.count == 0:
         raise UsageError("the inputs hold no text to train a tokenizer on")
     out = pathlib.Path(out)

@@ -27,19 +27,25 @@ class ModelSpec(NamedTuple):
     axes: Params  # tuple of logical axis names per parameter
 
 
-def build(cfg: ModelConfig, key: jax.Array, shard=ActivationSharding(),
-          stages: PipelineSpec = PipelineSpec()) -> tuple[Any, Params]:
+def build(
+    cfg: ModelConfig,
+    key: jax.Array,
+    shard=ActivationSharding(),
+    stages: PipelineSpec = PipelineSpec(),
+) -> tuple[Any, Params]:
     """(graphdef, params): a freshly initialised model, its parameters as a nested dict."""
     model = Transformer(cfg, rngs=nnx.Rngs(params=key), shard=shard, stages=stages)
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
 
 
-def describe(cfg: ModelConfig, shard=ActivationSharding(),
-             stages: PipelineSpec = PipelineSpec()) -> ModelSpec:
+def describe(
+    cfg: ModelConfig, shard=ActivationSharding(), stages: PipelineSpec = PipelineSpec()
+) -> ModelSpec:
     """Shapes and logical axes of every parameter, without allocating any of them."""
     abstract = nnx.eval_shape(
-        lambda: Transformer(cfg, rngs=nnx.Rngs(0), shard=shard, stages=stages))
+        lambda: Transformer(cfg, rngs=nnx.Rngs(0), shard=shard, stages=stages)
+    )
     graphdef, state = nnx.split(abstract)
     axes = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(state)))
     return ModelSpec(graphdef, nnx.to_pure_dict(state), axes)
@@ -66,5 +72,17 @@ def param_count(shapes: Params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
-__all__ = ["CACHE_AXES", "LayerCache", "ModelSpec", "Params", "PipelineSpec", "Transformer",
-           "apply", "build", "cache_shapes", "decode", "describe", "param_count"]
+__all__ = [
+    "CACHE_AXES",
+    "LayerCache",
+    "ModelSpec",
+    "Params",
+    "PipelineSpec",
+    "Transformer",
+    "apply",
+    "build",
+    "cache_shapes",
+    "decode",
+    "describe",
+    "param_count",
+]

@@ -60,7 +60,7 @@ class Norm(nnx.Module):
 def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
     """(sin, cos) of shape [B, L, H/2] for rotary embeddings at the given token positions."""
     fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq_Hh = theta ** -fraction
+    inv_freq_Hh = theta**-fraction
     angle_BxLxHh = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_Hh
     return jnp.sin(angle_BxLxHh), jnp.cos(angle_BxLxHh)
 
@@ -96,8 +96,14 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD, rotary, mask_Bx1xLxL):
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary)
         implementation = attention_implementation(self.implementation, x_BxLxD.dtype)
-        out_BxLxNxH = self.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, is_causal=True,
-                                  implementation=implementation)
+        out_BxLxNxH = self.attend(
+            q_BxLxNxH,
+            k_BxLxKxH,
+            v_BxLxKxH,
+            mask_Bx1xLxL,
+            is_causal=True,
+            implementation=implementation,
+        )
         return self.output(out_BxLxNxH)
 
     def decode(self, x_BxTxD, rotary, cache: "LayerCache", start):
@@ -107,17 +113,25 @@ class Attention(nnx.Module):
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.project(x_BxTxD, rotary)
         names = ("batch", "length", "kv_heads", "head_dim")
         k_BxSxKxH, v_BxSxKxH = (
-            self.shard(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1),
-                       names)
-            for c, new in ((cache.k, k_BxTxKxH), (cache.v, v_BxTxKxH)))
+            self.shard(
+                jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1), names
+            )
+            for c, new in ((cache.k, k_BxTxKxH), (cache.v, v_BxTxKxH))
+        )
         T, S = x_BxTxD.shape[1], k_BxSxKxH.shape[1]
         # Query t (at position start + t) sees cache entries 0 .. start + t: the earlier tokens
         # and itself; the entries not yet written lie beyond and are masked out.
         mask_TxS = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
         # XLA's attention: the mask is not the square causal one cuDNN's fused kernel takes,
         # and a one-token query gains nothing from a flash kernel.
-        out_BxTxNxH = self.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_TxS[None, None],
-                                  is_causal=False, implementation="xla")
+        out_BxTxNxH = self.attend(
+            q_BxTxNxH,
+            k_BxSxKxH,
+            v_BxSxKxH,
+            mask_TxS[None, None],
+            is_causal=False,
+            implementation="xla",
+        )
         return self.output(out_BxTxNxH), LayerCache(k_BxSxKxH, v_BxSxKxH)
 
     def project(self, x_BxLxD, rotary):
@@ -148,7 +162,11 @@ class Attention(nnx.Module):
                 t.astype(jnp.float32) for t in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH)
             )
         return jax.nn.dot_product_attention(
-            q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=is_causal,
+            q_BxLxNxH,
+            k_BxSxKxH,
+            v_BxSxKxH,
+            mask=mask,
+            is_causal=is_causal,
             implementation=implementation,
         ).astype(dtype)
 

@@ -92,8 +92,7 @@ def run(layers: Callable, stacked, x_BxLxD, positions_BxL, segments_BxL, spec: P
             done = done.at[m_in].set(jnp.where(store & (r_in == R - 1), x, done[m_in]))
             fresh = inputs[m]
             if R > 1:  # the circular schedule: microbatches wait at stage 0 for their next round
-                waiting = waiting.at[m_in].set(
-                    jnp.where(store & (r_in < R - 1), x, waiting[m_in]))
+                waiting = waiting.at[m_in].set(jnp.where(store & (r_in < R - 1), x, waiting[m_in]))
                 fresh = jnp.where(r == 0, fresh, waiting[m])
             return jnp.where(is_first, fresh, x), waiting, done
 
@@ -103,7 +102,8 @@ def run(layers: Callable, stacked, x_BxLxD, positions_BxL, segments_BxL, spec: P
         state, waiting, done = receive(*carry, t)
         wave = jnp.clip(t - stage_ids, 0, rounds - 1)
         out = jax.vmap(run_stage, spmd_axis_name="pipeline")(
-            stage_params, state, wave // M, wave % M)
+            stage_params, state, wave // M, wave % M
+        )
         return (jnp.roll(out, 1, axis=0), waiting, done), None  # one hop: collective-permute
 
     done = jnp.zeros((S, *inputs.shape), inputs.dtype)  # [S, M, b, L, D]; stage 0's is used

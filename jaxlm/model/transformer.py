@@ -25,8 +25,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model import pipeline
-from jaxlm.model.layers import (MLP, Attention, LayerCache, Norm, Shard, normal, param,
-                                rotary_tables)
+from jaxlm.model.layers import MLP, Attention, LayerCache, Norm, Shard, normal, param, rotary_tables
 from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.sharding import ActivationSharding
 
@@ -60,8 +59,14 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = ActivationSharding(),
-                 stages: PipelineSpec = PipelineSpec()):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        shard: Shard = ActivationSharding(),
+        stages: PipelineSpec = PipelineSpec(),
+    ):
         self.cfg, self.shard, self.stages = cfg, shard, stages
         D, V = cfg.d_model, cfg.vocab_size
         self.embedding = param(rngs, normal(cfg.init_std), (V, D), ("vocab", "embed"))
@@ -110,8 +115,14 @@ class Transformer(nnx.Module):
         """The rest of the forward pass after the embedding lookup (differentiable in x)."""
         graphdef, stacked = nnx.split(self.layers)
         if self.stages.stages > 1:
-            x_BxLxD = pipeline.run(functools.partial(self._run_layers, graphdef), stacked,
-                                   x_BxLxD, positions_BxL, segments_BxL, self.stages)
+            x_BxLxD = pipeline.run(
+                functools.partial(self._run_layers, graphdef),
+                stacked,
+                x_BxLxD,
+                positions_BxL,
+                segments_BxL,
+                self.stages,
+            )
             # The head runs data-parallel over the pipeline axis too, where the batch divides.
             names = ("pipeline_batch", "length", "act_embed")
             if self.shard.fits(x_BxLxD.shape, names):
@@ -149,7 +160,8 @@ class Transformer(nnx.Module):
         def one_layer(x_BxTxD, layer):
             layer_params, layer_cache = layer
             x_BxTxD, layer_cache = nnx.merge(graphdef, layer_params).decode(
-                x_BxTxD, rotary, layer_cache, start)
+                x_BxTxD, rotary, layer_cache, start
+            )
             return x_BxTxD, layer_cache
 
         x_BxTxD, cache = jax.lax.scan(one_layer, x_BxTxD, (stacked, cache))
@@ -183,4 +195,6 @@ def _split_layer_axis(stack: nnx.Module, repeats: int) -> None:
         if isinstance(variable, nnx.Param):
             value = variable[...]
             variable.set_value(value.reshape(repeats, -1, *value.shape[1:]))
-            variable.set_metadata(out_sharding=("repeats", *variable.get_metadata()["out_sharding"]))
+            variable.set_metadata(
+                out_sharding=("repeats", *variable.get_metadata()["out_sharding"])
+            )
