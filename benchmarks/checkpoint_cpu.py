@@ -20,7 +20,7 @@ import jax
 
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import train
+from jaxlm import training
 
 
 def wall_time(steps: int, every: int, seq_len: int, mesh) -> float:
@@ -38,7 +38,7 @@ def wall_time(steps: int, every: int, seq_len: int, mesh) -> float:
     )
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        train.run(cfg, mesh, out_dir=pathlib.Path(out))
+        training.run(cfg, mesh, out_dir=pathlib.Path(out))
         return time.perf_counter() - start
 
 

@@ -18,7 +18,7 @@ import jax
 
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import train
+from jaxlm import training
 from jaxlm.step import abstract_step_inputs, build_program
 
 THROUGHPUT_RUNS = {
@@ -30,7 +30,7 @@ THROUGHPUT_RUNS = {
 
 def throughput(preset: str, overrides: list[str], steps: int, mesh) -> dict:
     cfg = config_lib.load(preset, [*overrides, f"train.steps={steps}"])
-    rows = train.run(cfg, mesh)
+    rows = training.run(cfg, mesh)
     step_time = statistics.median(r["step_time_s"] for r in rows[1:])
     return {
         "model": preset,

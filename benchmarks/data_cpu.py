@@ -21,9 +21,9 @@ import time
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm import data, train
 from jaxlm import mesh as mesh_lib
-from jaxlm.data import corpus, prepare, tokenizer
+from jaxlm import training
+from jaxlm.data import corpus, loader, prepare, tokenizer
 from jaxlm.data.pipeline import PackedBatches
 from jaxlm.data.shards import PreparedSplit
 from jaxlm.sharding import batch_sharding
@@ -65,7 +65,7 @@ def loader_throughput(directory: str, batches: int, mesh) -> dict:
             f"train.global_batch_size={BATCH}",
         ],
     )
-    pipeline = data.make_batches(cfg, batch_sharding(mesh))
+    pipeline = loader.make_batches(cfg, batch_sharding(mesh))
     next(pipeline)
     start = time.perf_counter()
     for _ in range(batches):
@@ -85,7 +85,7 @@ def train_throughput(directory: str, mesh, steps: int = 4) -> float:
             "train.eval_every=0",
         ],
     )
-    rows = train.run(cfg, mesh)
+    rows = training.run(cfg, mesh)
     return statistics.median(r["tokens_per_s"] for r in rows[1:])
 
 

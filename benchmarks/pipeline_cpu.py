@@ -20,7 +20,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 from jaxlm import config as config_lib  # noqa: E402
 from jaxlm import mesh as mesh_lib  # noqa: E402
-from jaxlm import train  # noqa: E402
+from jaxlm import training  # noqa: E402
 
 STAGES = 4
 
@@ -42,7 +42,7 @@ def step_time(microbatches: int, steps: int, mesh) -> float:
             "model.compute_dtype=float32",
         ],
     )
-    rows = [r for r in train.run(cfg, mesh) if "loss" in r]
+    rows = [r for r in training.run(cfg, mesh) if "loss" in r]
     return statistics.median(r["step_time_s"] for r in rows[1:])
 
 

@@ -41,13 +41,6 @@ class Restored:
     data_state: dict
 
 
-def abstract_target(tree, shardings):
-    """ShapeDtypeStructs carrying the current mesh's shardings: what a restore fills in."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
 def param_shapes(params) -> dict[str, list[int]]:
     return {
         jax.tree_util.keystr(path, simple=True, separator="/"): list(x.shape)

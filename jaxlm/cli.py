@@ -1,11 +1,20 @@
-"""What every `python -m jaxlm.*` command shares at its edge: log lines and the exit-2 rule."""
+"""What every `python -m jaxlm.*` command shares at its edge: the common flags (the config, mesh
+and overrides trio, `--cpu-devices`), log lines, and the exit-code rule.
 
+Commands are thin: they parse, call a library module, and render. JAX reads its device count
+and platform once, when its backends start, so the flags that set them are applied here, before
+a command imports any module that runs JAX.
+"""
+
+import argparse
 import logging
 import os
 import pathlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from jaxlm import config as config_lib
+from jaxlm import cost
 from jaxlm.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, Diverged, Preempted, UsageError
 
 log = logging.getLogger("jaxlm")
@@ -19,6 +28,100 @@ def setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # a library that configures the root logger must not echo our lines
+
+
+def log_to_stderr() -> None:
+    """jaxlm's log lines on stderr, for the tools whose stdout is their product (text, results)."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+
+
+# --- flags ---------------------------------------------------------------------------------------
+
+
+def add_config_args(
+    p: argparse.ArgumentParser, *, mesh: bool = True, mesh_required: bool = False
+) -> None:
+    """--config, --mesh and the key=value overrides, as train, plan and bench take them."""
+    p.add_argument("--config", help="preset name in configs/ (e.g. tiny, gpt-124m) or a YAML file")
+    if mesh:
+        p.add_argument(
+            "--mesh",
+            required=mesh_required,
+            help="mesh spec such as dp=2,fsdp=2,tp=2 (one axis may be -1) or a preset name in "
+            "meshes/" + ("" if mesh_required else "; default dp=-1 (all devices)"),
+        )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides such as train.steps=100 model.n_layers=8",
+    )
+
+
+def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> config_lib.Config:
+    """The config the trio names: preset, then overrides, then --mesh, then `extra`."""
+    mesh = getattr(args, "mesh", None)
+    overrides = [*args.overrides, *([f"mesh={mesh}"] if mesh else []), *extra]
+    return config_lib.load(args.config, overrides)
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """The options plan and tune share: the machine the model is meant for."""
+    p.add_argument(
+        "--devices",
+        type=int,
+        help="devices in all (default: the mesh's size); compiled on this many fake CPU devices",
+    )
+    p.add_argument(
+        "--device-kind",
+        default=cost.DEFAULT_DEVICE,
+        help=f"the target device: a100, h100, h200, gh200, mi250x, mi300x, a64fx, "
+        f"tpu v4, tpu v5p (default {cost.DEFAULT_DEVICE})",
+    )
+    p.add_argument(
+        "--devices-per-node",
+        type=int,
+        help="devices in one node (default: the device kind's usual node)",
+    )
+
+
+def add_cpu_devices(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        help="on CPU, pretend to have this many devices (to try a mesh on a laptop)",
+    )
+
+
+def use_cpu_devices(n: int | None) -> None:
+    """--cpu-devices: set before JAX starts (the same as JAX_NUM_CPU_DEVICES=N)."""
+    if n is None:
+        return
+    if n < 1:
+        raise UsageError(f"--cpu-devices must be at least 1, not {n}")
+    os.environ["JAX_NUM_CPU_DEVICES"] = str(n)
+
+
+def use_fake_cpu_devices(n: int) -> None:
+    """Compile for `n` fake CPU devices, whatever accelerators there are (plan, tune); must run
+    before JAX starts its backends."""
+    import jax  # the backends start later, at the first device query
+
+    if n < 1:
+        raise UsageError(f"--devices must be at least 1, not {n}")
+    try:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already up (a notebook, the tests): they must match
+        if jax.device_count() != n:
+            raise UsageError(
+                f"JAX already runs with {jax.device_count()} devices, not {n}"
+            ) from None
+
+
+# --- running -------------------------------------------------------------------------------------
 
 
 def run_command(body: Callable[[], object]) -> int:

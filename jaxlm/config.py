@@ -158,6 +158,23 @@ class Config:
     mesh: str = "dp=-1"  # a mesh spec ("dp=2,tp=4") or the name of a preset in meshes/
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How `python -m jaxlm.generate` draws tokens (jaxlm/generation.py)."""
+
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0  # 1: no limit
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k must be 0 (off) or more, not {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}")
+
+
 # --- presets -----------------------------------------------------------------------------------
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent

@@ -22,6 +22,8 @@ import os
 import pathlib
 import sys
 
+import jax
+
 from jaxlm.config import DistributedConfig
 from jaxlm.errors import UsageError
 
@@ -43,8 +45,6 @@ def initialize(cfg: DistributedConfig) -> None:
     """Join the other processes of this launch; a no-op for a single process."""
     if launched_processes() == 1:
         return
-    import jax
-
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(
         initialization_timeout=cfg.init_timeout, heartbeat_timeout_seconds=cfg.heartbeat_timeout
@@ -63,8 +63,6 @@ def initialize(cfg: DistributedConfig) -> None:
 
 def log_to_file(out_dir: pathlib.Path | None) -> None:
     """Every process logs to DIR/logs/process-N.log; only process 0 also to the terminal."""
-    import jax
-
     index = jax.process_index()
     if index != 0:  # the others stay quiet on the terminal
         for handler in list(log.handlers):

@@ -17,15 +17,26 @@ import logging
 import math
 import statistics
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlm import sharding
 from jaxlm.config import Config, TrainConfig
 from jaxlm.errors import Diverged, Preempted
+
+if TYPE_CHECKING:
+    from jaxlm.checkpoint import Checkpoints, Restored
+    from jaxlm.cost.accounting import StepAccounting
+    from jaxlm.data.loader import Batches
+    from jaxlm.evaluation import Evaluator
+    from jaxlm.metrics import ProgressReport
+    from jaxlm.preemption import StopRequest
+    from jaxlm.step import Program, TrainState
 
 log = logging.getLogger("jaxlm")
 
@@ -63,23 +74,23 @@ class BadSteps:
 @dataclasses.dataclass
 class Loop:
     cfg: Config
-    program: Any  # jaxlm.step.Program
-    batches: Any  # iterator of global batches with get_state / set_state / position
-    evaluate: Any  # jaxlm.train.Evaluator
-    checkpoints: Any  # jaxlm.checkpoint.Checkpoints, or None without a run directory
-    write: Any  # row, prefix -> None
-    progress: Any  # jaxlm.metrics.ProgressReport
-    stop: Any  # jaxlm.preemption.StopRequest
+    program: "Program"
+    batches: "Batches"
+    evaluate: "Evaluator"
+    checkpoints: "Checkpoints | None"  # None without a run directory
+    write: Callable[..., None]  # write(row, prefix="train")
+    progress: "ProgressReport"
+    stop: "StopRequest"
     metadata: dict  # saved with every checkpoint
-    restore: Any  # () -> Restored | None: the newest intact checkpoint
-    accounting: Any = None  # jaxlm.accounting.StepAccounting: MFU and energy per row
+    restore: "Callable[[], Restored | None]"  # the newest intact checkpoint
+    accounting: "StepAccounting | None" = None  # MFU and energy per row
 
-    def run(self, state) -> Any:
+    def run(self, state: "TrainState") -> "TrainState":
         t = self.cfg.train
         mesh = self.program.batch_sharding.mesh
         n_devices = mesh.devices.size
         tokens_per_step = t.global_batch_size * t.seq_len
-        replicated = NamedSharding(mesh, PartitionSpec())
+        replicated = sharding.replicated(mesh)
         bad = BadSteps(t)
         poison = _poisoner(self.cfg, self.program.batch_sharding)
         vote = _StopVote(self.stop, mesh)
@@ -195,7 +206,7 @@ class _StopVote:
         self.request = request
         self._flags = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
         self._size = mesh.devices.size
-        self._any = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._any = jax.jit(jnp.any, out_shardings=sharding.replicated(mesh))
 
     def cast(self) -> jax.Array:
         local = np.full(len(self._flags.addressable_devices), self.request.requested)
@@ -204,12 +215,12 @@ class _StopVote:
         return self._any(flags)
 
 
-def _poisoner(cfg: Config, sharding: NamedSharding):
+def _poisoner(cfg: Config, batch_sharding: NamedSharding):
     """The debug.nan_at_step hook: NaN loss weights for chosen batches, as bad data would give."""
     first = cfg.debug.nan_at_step
     if first is None:
         return lambda batch, position: batch
-    spoil = jax.jit(lambda w: w * jnp.nan, out_shardings=sharding)
+    spoil = jax.jit(lambda w: w * jnp.nan, out_shardings=batch_sharding)
 
     def poison(batch, position: int):
         # `position` counts the batches consumed so far, this one included: step k of an

@@ -134,7 +134,3 @@ def split_over_processes(sizes: dict[str, int], per_process: int):
             f"innermost axes (tp, fsdp, ...) fill a process's devices"
         )
     return local, outer
-
-
-def axis_sizes(mesh: Mesh) -> dict[str, int]:
-    return dict(mesh.shape)

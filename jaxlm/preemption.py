@@ -10,6 +10,8 @@ import signal
 import threading
 import time
 
+from jaxlm.config import TrainConfig, parse_duration
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -19,6 +21,10 @@ class StopRequest:
         self.reason = ""
         self._deadline = time.monotonic() + time_limit_s if time_limit_s else None
         self._previous = {}
+
+    @classmethod
+    def from_config(cls, t: TrainConfig) -> "StopRequest":
+        return cls(parse_duration(t.time_limit) if t.time_limit else None)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers only live there

@@ -17,11 +17,13 @@ import pathlib
 import sys
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from jaxlm import checkpoint, sharding
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm.data import stdlib
 from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
@@ -41,8 +43,6 @@ class Run:
 
 def open_run(run_dir, step: int | None = None) -> Run:
     """The newest checkpoint of `run_dir` (or the one of `step`) and the config saved with it."""
-    import orbax.checkpoint as ocp
-
     run_dir = pathlib.Path(run_dir).absolute()
     directory = run_dir / "checkpoints"
     if not run_dir.is_dir():
@@ -74,6 +74,12 @@ def open_run(run_dir, step: int | None = None) -> Run:
     cfg = config_lib.from_dict(dict(saved["config"]))
     manager.close()
     return Run(run_dir, step, for_inference(cfg), cfg.train.pipeline_repeats)
+
+
+def with_overrides(run: Run, overrides) -> Run:
+    """The run with `key=value` overrides applied to its config (checked as any config is)."""
+    cfg = config_lib.validate(config_lib.apply_overrides(run.cfg, overrides))
+    return dataclasses.replace(run, cfg=cfg)
 
 
 def for_inference(cfg: config_lib.Config) -> config_lib.Config:
@@ -110,22 +116,21 @@ def activation_sharding(mesh: Mesh, batch: int) -> sharding.ActivationSharding:
     return sharding.ActivationSharding(mesh, tuple(rules.items()))
 
 
-def load_params(run: Run, mesh: Mesh, spec: model_lib.ModelSpec | None = None):
-    """The run's parameters restored onto `mesh` in the layout of the sharding table."""
+def load_params(run: Run, mesh: Mesh):
+    """The run's parameters restored onto `mesh` in the layout of the sharding table. Jitted
+    functions of them need no parameter shardings of their own: the arrays carry theirs."""
     cfg = run.cfg
-    spec = spec or model_lib.describe(cfg.model)
     # What the checkpoint holds: under a circular pipeline the layers are [R, L/R, ...].
     repeats = run.repeats
     saved = model_lib.describe(cfg.model, stages=model_lib.PipelineSpec(repeats=repeats))
-    target = checkpoint.abstract_target(
-        saved.shapes, sharding.tree_shardings(mesh, saved.axes, sharding.RULES)
-    )
+    target = sharding.abstract_target(saved.shapes, sharding.tree_shardings(mesh, saved.axes))
     with quiet_orbax():
         params = checkpoint.load_params(
             str(run.step_dir), target, checkpoint.param_shapes(saved.shapes)
         )
     if repeats > 1:
-        shardings = sharding.tree_shardings(mesh, spec.axes, sharding.RULES)
+        spec = model_lib.describe(cfg.model)
+        shardings = sharding.tree_shardings(mesh, spec.axes)
         params = jax.jit(
             lambda tree: jax.tree.map(lambda x, s: x.reshape(s.shape), tree, spec.shapes),
             out_shardings=shardings,
@@ -137,8 +142,6 @@ def tokenizer_path(run: Run) -> pathlib.Path | None:
     """The SentencePiece model the run's tokens come from, if it can be found without
     building anything: RUN/tokenizer.model, `data.tokenizer`, or the one in the data source
     (for the default corpus, its cache directory)."""
-    from jaxlm.data import stdlib
-
     cfg = run.cfg
     candidates = [run.directory / "tokenizer.model"]
     if cfg.data.tokenizer:
@@ -152,17 +155,6 @@ def tokenizer_path(run: Run) -> pathlib.Path | None:
     elif cfg.data.source != "synthetic":
         candidates.append(pathlib.Path(cfg.data.source) / "tokenizer.model")
     return next((c for c in candidates if c.is_file()), None)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def log_to_stderr() -> None:
-    """jaxlm's log lines on stderr, for the tools whose stdout is their product (text, results)."""
-    for handler in log.handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stderr)
 
 
 @contextlib.contextmanager

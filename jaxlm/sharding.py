@@ -29,6 +29,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -82,7 +83,12 @@ def named(mesh: Mesh, names: tuple[str | None, ...], rules: Rules = RULES) -> Na
     return NamedSharding(mesh, spec(names, rules))
 
 
-def tree_shardings(mesh: Mesh, logical_axes, rules: Rules):
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device: scalars, metrics, the step counter."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def tree_shardings(mesh: Mesh, logical_axes, rules: Rules = RULES):
     """NamedShardings for a tree whose leaves are tuples of logical names."""
     return jax.tree.map(lambda names: named(mesh, names, rules), logical_axes, is_leaf=_is_axes)
 
@@ -93,13 +99,12 @@ def optimizer_shardings(
     """Shardings for `tx`'s state: param-shaped parts follow the params, the rest replicated."""
     abstract_state = jax.eval_shape(tx.init, abstract_params)
     param_shardings = tree_shardings(mesh, logical_axes, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
     return optax.tree_map_params(
         tx,
         lambda _, sharding: sharding,
         abstract_state,
         param_shardings,
-        transform_non_params=lambda _: replicated,
+        transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
 
@@ -107,6 +112,30 @@ def optimizer_shardings(
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token arrays [batch, length]: rows split over every data-parallel device."""
     return named(mesh, ("batch", "length"))
+
+
+def abstract_target(tree, shardings):
+    """ShapeDtypeStructs carrying `shardings`: what a restore fills in, or what a step is
+    compiled for ahead of time, without allocating anything."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def split_rows(x, parts: int):
+    """[B, ...] -> [parts, B / parts, ...] without moving data between devices.
+
+    Row i goes to part i % parts: each device's contiguous block of rows splits into its own
+    share of every part, so the batch sharding carries over to each part unchanged. Gradient
+    accumulation splits the batch into micro batches this way, the pipeline into microbatches.
+    """
+    x = x.reshape(x.shape[0] // parts, parts, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+
+def merge_rows(x):
+    """The inverse of `split_rows`."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def _is_axes(x) -> bool:

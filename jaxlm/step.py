@@ -74,7 +74,8 @@ class Program:
     stages: model_lib.PipelineSpec  # the pipeline (1 stage: none)
     init: Callable[[jax.Array], TrainState]
     train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]
-    eval_step: Callable[[TrainState, Batch], dict]
+    # (sum of token cross-entropies, target tokens) of one batch: jaxlm.evaluation reduces them
+    eval_step: Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]
 
 
 def build_program(cfg: Config, mesh: Mesh) -> Program:
@@ -86,7 +87,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
     spec = model_lib.describe(cfg.model, shard, stages)
     tx = optim.make_optimizer(cfg.train, spec.shapes)
 
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding.replicated(mesh)
     param_shardings = sharding.tree_shardings(mesh, spec.axes, rules.params)
     state_shardings = TrainState(
         step=replicated,
@@ -125,7 +126,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
             donate_argnums=0,
         ),
         eval_step=jax.jit(
-            lambda state, batch: _eval(loss_fn, state, batch),
+            lambda state, batch: loss_fn(state.params, batch),
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=replicated,
         ),
@@ -149,16 +150,6 @@ def make_loss_fn(graphdef):
     return loss_sums
 
 
-def split_micro_batches(x, accumulation: int):
-    """[B, ...] -> [accumulation, B / accumulation, ...] without moving data between devices.
-
-    Row i goes to micro batch i % accumulation: each device's contiguous block of rows splits
-    into its own share of every micro batch, so the batch sharding carries over unchanged.
-    """
-    x = x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-
-
 def make_train_step(
     cfg: Config,
     tx,
@@ -178,7 +169,7 @@ def make_train_step(
         n_tokens = batch["weights"].astype(jnp.float32).sum()
         micro_batches = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
-                split_micro_batches(x, accumulation), micro_sharding
+                sharding.split_rows(x, accumulation), micro_sharding
             ),
             batch,
         )
@@ -236,19 +227,17 @@ def make_train_step(
     return train_step
 
 
-def _eval(loss_sums, state: TrainState, batch: Batch) -> dict:
-    ce_sum, n_tokens = loss_sums(state.params, batch)
-    return {"loss_sum": ce_sum, "tokens": n_tokens}
+def abstract_state(program: Program) -> TrainState:
+    """The train state as shapes with their shardings: a restore target, or a compile input."""
+    return sharding.abstract_target(
+        jax.eval_shape(program.init, jax.random.key(0)), program.state_shardings
+    )
 
 
 def abstract_step_inputs(cfg: Config, program: Program):
     """(state, batch, loss_limit) as shapes with their shardings, for compiling the train step
     ahead of time (`program.train_step.lower(*inputs).compile()`) without allocating anything."""
-    from jaxlm.checkpoint import abstract_target  # orbax: loaded only where compiled ahead
-
-    state = abstract_target(
-        jax.eval_shape(program.init, jax.random.key(0)), program.state_shardings
-    )
+    state = abstract_state(program)
     rows = (cfg.train.global_batch_size, cfg.train.seq_len)
     keys = ["inputs", "targets", "weights"]
     if cfg.data.source != "synthetic" and not cfg.data.cross_document_attention:
@@ -259,7 +248,5 @@ def abstract_step_inputs(cfg: Config, program: Program):
         )
         for k in keys
     }
-    limit = jax.ShapeDtypeStruct(
-        (), jnp.float32, sharding=NamedSharding(program.batch_sharding.mesh, PartitionSpec())
-    )
+    limit = jax.ShapeDtypeStruct((), jnp.float32, sharding=program.state_shardings.step)
     return state, batch, limit

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import train_rows
 from jaxlm import config as config_lib
-from jaxlm import energy, flops, mesh, train
+from jaxlm import mesh, train, training
+from jaxlm.cost import energy, flops
 from jaxlm.model import describe
 
 
@@ -60,7 +61,7 @@ def test_flops_per_token_matches_the_hand_count():
 
 def test_the_mfu_of_a_run_is_model_flops_times_tokens_per_second_over_peak(tiny_cfg):
     cfg = tiny_cfg("train.steps=4", "train.eval_every=0", "train.peak_tflops=2.5")
-    rows = train_rows(train.run(cfg, mesh.make_mesh("dp=4,tp=2")))
+    rows = train_rows(training.run(cfg, mesh.make_mesh("dp=4,tp=2")))
     assert len(rows) == 4
     for row in rows:
         by_hand = tiny_flops_per_token_by_hand() * row["tokens_per_s"] / 8 / 2.5e12
@@ -71,7 +72,7 @@ def test_the_mfu_of_a_run_is_model_flops_times_tokens_per_second_over_peak(tiny_
 
 def test_on_cpu_the_peak_is_a_measured_matmul(tiny_cfg):
     rows = train_rows(
-        train.run(tiny_cfg("train.steps=2", "train.eval_every=0"), mesh.make_mesh("dp=8"))
+        training.run(tiny_cfg("train.steps=2", "train.eval_every=0"), mesh.make_mesh("dp=8"))
     )
     assert all(0 < row["mfu"] for row in rows)
 
@@ -96,7 +97,7 @@ def test_energy_per_step_total_kwh_tokens_per_kwh_and_co2(tiny_cfg, monkeypatch)
     meter = FakeMeter()
     monkeypatch.setattr(energy, "open_meter", lambda devices: (meter, ""))
     cfg = tiny_cfg("train.steps=5", "train.eval_every=0", "log.carbon_intensity=0.4")
-    rows = train_rows(train.run(cfg, mesh.make_mesh("dp=8")))
+    rows = train_rows(training.run(cfg, mesh.make_mesh("dp=8")))
     tokens = 0.0
     for before, row in zip([None] + rows, rows, strict=False):
         tokens += row["tokens"]
@@ -116,7 +117,7 @@ def test_energy_per_step_total_kwh_tokens_per_kwh_and_co2(tiny_cfg, monkeypatch)
 
 def test_without_a_meter_no_energy_is_logged(tiny_cfg):
     rows = train_rows(
-        train.run(
+        training.run(
             tiny_cfg("train.steps=2", "train.eval_every=0", "log.energy=false"),
             mesh.make_mesh("dp=8"),
         )
@@ -189,7 +190,7 @@ def test_bad_accounting_settings_exit_2():
 
 
 def test_a_resumed_run_carries_its_energy_and_tokens_on():
-    from jaxlm.accounting import resume_totals
+    from jaxlm.cost.accounting import resume_totals
 
     kept = [
         {"step": 1, "tokens": 10.0, "energy_kwh": 1.0},

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import train_rows
-from jaxlm import checkpoint, train
+from jaxlm import checkpoint, sharding, training
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import EXIT_PREEMPTED
 from jaxlm.step import build_program
@@ -93,8 +93,8 @@ def test_kill_9_and_rerun_logs_the_same_losses_bit_for_bit(tmp_path):
 def test_save_on_dp8_restore_and_continue_on_another_mesh(tiny_cfg, tmp_path, spec, devices):
     schedule = ("train.decay_steps=10", "checkpoint.every=3", "train.eval_every=0")
     dp8 = mesh_lib.make_mesh("dp=8")
-    uninterrupted = train_rows(train.run(tiny_cfg("train.steps=10", *schedule), dp8))
-    train.run(tiny_cfg("train.steps=6", *schedule), dp8, tmp_path)
+    uninterrupted = train_rows(training.run(tiny_cfg("train.steps=10", *schedule), dp8))
+    training.run(tiny_cfg("train.steps=6", *schedule), dp8, tmp_path)
 
     other = mesh_lib.make_mesh(spec, jax.devices()[:devices])
     cfg = tiny_cfg("train.steps=10", *schedule)
@@ -105,7 +105,7 @@ def test_save_on_dp8_restore_and_continue_on_another_mesh(tiny_cfg, tmp_path, sp
     for a, b in zip(jax.tree.leaves(saved.state), jax.tree.leaves(restored.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    continued = train_rows(train.run(cfg, other, tmp_path))
+    continued = train_rows(training.run(cfg, other, tmp_path))
     assert [r["step"] for r in continued] == [7, 8, 9, 10]
     np.testing.assert_allclose(
         [r["loss"] for r in continued], [r["loss"] for r in uninterrupted[6:]], rtol=1e-5
@@ -114,7 +114,7 @@ def test_save_on_dp8_restore_and_continue_on_another_mesh(tiny_cfg, tmp_path, sp
 
 def _restore(cfg, mesh, out):
     program = build_program(cfg, mesh)
-    target = checkpoint.abstract_target(
+    target = sharding.abstract_target(
         jax.eval_shape(program.init, jax.random.key(0)), program.state_shardings
     )
     ckpts = checkpoint.Checkpoints(out, cfg.checkpoint)
@@ -167,7 +167,7 @@ def test_time_limit_saves_and_exits_75(tmp_path):
 
 def test_a_nan_step_is_skipped_and_the_run_finishes(tiny_cfg):
     rows = train_rows(
-        train.run(tiny_cfg("train.steps=8", "debug.nan_at_step=4"), mesh_lib.make_mesh("dp=8"))
+        training.run(tiny_cfg("train.steps=8", "debug.nan_at_step=4"), mesh_lib.make_mesh("dp=8"))
     )
     assert [r["skipped"] for r in rows] == [0, 0, 0, 1, 0, 0, 0, 0]
     assert np.isnan(rows[3]["loss"]) and rows[-1]["skipped_steps"] == 1
@@ -185,7 +185,7 @@ def test_bad_steps_in_a_row_roll_back_and_skip_the_data(tiny_cfg, tmp_path):
         "debug.nan_steps=3",
         "train.eval_every=0",
     )
-    rows = train.run(cfg, mesh_lib.make_mesh("dp=8"), tmp_path)
+    rows = training.run(cfg, mesh_lib.make_mesh("dp=8"), tmp_path)
     events = [r for r in rows if "rolled_back_to" in r]
     # batches 8, 9, 10 are bad; the third in a row (step 10) rolls back to step 5, the last
     # checkpoint before the streak (none is written during one)
@@ -282,9 +282,9 @@ def test_an_unwritable_run_directory_exits_2_before_training(tmp_path):
 
 def test_init_from_takes_another_runs_parameters_only(tiny_cfg, tmp_path):
     mesh = mesh_lib.make_mesh("dp=8")
-    first = train.run(tiny_cfg("train.steps=3"), mesh, tmp_path / "a")
+    first = training.run(tiny_cfg("train.steps=3"), mesh, tmp_path / "a")
     # lr 0: the second run's parameters stay what it started from
-    second = train.run(
+    second = training.run(
         tiny_cfg("train.steps=1", "train.lr=0", f"checkpoint.init_from={tmp_path / 'a'}"),
         mesh_lib.make_mesh("fsdp=4,tp=2"),
         tmp_path / "b",

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import eval as eval_lib
+from jaxlm import evaluation, runs
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
-from jaxlm import runs
 from jaxlm.convert import from_hf, layouts, to_hf
 from jaxlm.errors import UsageError
 
@@ -138,7 +137,7 @@ def jaxlm_logits(run_dir, tokens, mesh_spec="dp=-1", devices=None) -> np.ndarray
     run = runs.open_run(run_dir)
     cfg = config_lib.apply_overrides(run.cfg, ["model.compute_dtype=float32"])
     run = dataclasses.replace(run, cfg=cfg)
-    return eval_lib.logits(run, mesh_lib.make_mesh(mesh_spec, devices), tokens)
+    return evaluation.logits(run, mesh_lib.make_mesh(mesh_spec, devices), tokens)
 
 
 def random_params(cfg, seed=0):

@@ -8,10 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import data
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
-from jaxlm.data import corpus, prepare, tokenizer
+from jaxlm.data import corpus, loader, prepare, tokenizer
 from jaxlm.data.pipeline import PackedBatches
 from jaxlm.data.shards import PreparedSplit
 from jaxlm.sharding import batch_sharding
@@ -74,13 +73,13 @@ def test_windows_are_the_shuffled_documents_end_to_end(directory):
 def test_resumed_iterator_continues_exactly(directory, tiny_cfg):
     cfg = tiny_cfg(f"data.source={directory}", "train.seq_len=32", "train.global_batch_size=8")
     sharding = batch_sharding(mesh_lib.make_mesh("dp=2,tp=4"))
-    uninterrupted = data.make_batches(cfg, sharding)
+    uninterrupted = loader.make_batches(cfg, sharding)
     expected = [next(uninterrupted) for _ in range(6)]
-    first = data.make_batches(cfg, sharding)
+    first = loader.make_batches(cfg, sharding)
     for _ in range(3):
         next(first)
     state = first.get_state()
-    resumed = data.make_batches(cfg, sharding)
+    resumed = loader.make_batches(cfg, sharding)
     resumed.set_state(state)
     for want in expected[3:]:
         got = next(resumed)

@@ -15,7 +15,7 @@ import pytest
 from conftest import train_rows
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import train
+from jaxlm import training
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 ENV.pop("JAX_NUM_CPU_DEVICES", None)
@@ -69,7 +69,7 @@ def one_process(tmp_path_factory):
             "train.steps=12",
         ],
     )
-    train.run(cfg, mesh_lib.make_mesh("dp=2,fsdp=2,tp=2"), out)
+    training.run(cfg, mesh_lib.make_mesh("dp=2,fsdp=2,tp=2"), out)
     return rows(out)
 
 
@@ -103,7 +103,7 @@ def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(tmp_path
             "train.steps=12",
         ],
     )
-    continued = train_rows(train.run(cfg, mesh_lib.make_mesh("fsdp=4,tp=2"), tmp_path))
+    continued = train_rows(training.run(cfg, mesh_lib.make_mesh("fsdp=4,tp=2"), tmp_path))
     assert [r["step"] for r in continued] == list(range(7, 13))
     np.testing.assert_allclose(
         [r["loss"] for r in continued], [r["loss"] for r in train_rows(one_process)[6:]], rtol=1e-5

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import data, runs, train
-from jaxlm import eval as eval_lib
+from jaxlm import evaluation, runs, training
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
+from jaxlm.data import loader
 from jaxlm.data.shards import PreparedSplit
 from jaxlm.errors import UsageError
 
@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
             f"train.eval_batches={EVAL_BATCHES}",
         ],
     )
-    rows = train.run(cfg, mesh_lib.make_mesh("dp=8"), out)
+    rows = training.run(cfg, mesh_lib.make_mesh("dp=8"), out)
     return out, [r for r in rows if "val_loss" in r][-1]
 
 
@@ -85,11 +85,13 @@ def test_the_loss_is_the_validation_loss_training_logged(trained, tmp_path):
 def test_the_whole_split_by_default_and_another_data_directory(trained):
     out, _ = trained
     run = runs.open_run(out)
-    directory = data.resolve_source(run.cfg)
-    first = eval_lib.evaluate(run, mesh_lib.make_mesh("dp=8"), batches=1)
+    directory = loader.resolve_source(run.cfg)
+    first = evaluation.evaluate(run, mesh_lib.make_mesh("dp=8"), batches=1)
     assert first["tokens"] == 16 * 32
     big_batches = config_lib.apply_overrides(run.cfg, ["train.global_batch_size=256"])
-    whole = eval_lib.evaluate(dataclasses.replace(run, cfg=big_batches), mesh_lib.make_mesh("dp=8"))
+    whole = evaluation.evaluate(
+        dataclasses.replace(run, cfg=big_batches), mesh_lib.make_mesh("dp=8")
+    )
     split = PreparedSplit(directory, "val")
     assert whole["batches"] == split.num_tokens // 33 // 256  # windows of 32 + 1 tokens
     assert whole["tokens"] == whole["batches"] * 256 * 32 and whole["loss"] != first["loss"]
@@ -152,7 +154,7 @@ def test_logits_out_are_the_float32_logits_of_the_tokens(trained, tmp_path):
     )
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
     # causal: a token's logits depend only on the tokens up to it
-    short = eval_lib.logits(run, mesh_lib.make_mesh("dp=8"), tokens[:, :7])
+    short = evaluation.logits(run, mesh_lib.make_mesh("dp=8"), tokens[:, :7])
     np.testing.assert_allclose(short, logits[:, :7], atol=1e-5)
 
 
@@ -168,7 +170,7 @@ def test_logits_out_are_the_float32_logits_of_the_tokens(trained, tmp_path):
 def test_bad_tokens_are_refused(trained, tokens, sentence):
     out, _ = trained
     with pytest.raises(UsageError, match=sentence.replace("[", r"\[").replace("]", r"\]")):
-        eval_lib.logits(runs.open_run(out), mesh_lib.make_mesh("dp=8"), tokens)
+        evaluation.logits(runs.open_run(out), mesh_lib.make_mesh("dp=8"), tokens)
 
 
 def test_bad_input_exits_2(trained, tmp_path):
@@ -183,7 +185,7 @@ def test_bad_input_exits_2(trained, tmp_path):
     with pytest.raises(UsageError, match="has no checkpoint of step 3; it has 4"):
         runs.open_run(out, step=3)
     with pytest.raises(UsageError, match="not divisible by the data-parallel size 3"):
-        eval_lib.evaluate(runs.open_run(out), mesh_lib.make_mesh("dp=3", jax.devices()[:3]))
+        evaluation.evaluate(runs.open_run(out), mesh_lib.make_mesh("dp=3", jax.devices()[:3]))
 
 
 def test_a_trained_run_exports_to_transformers_with_the_same_logits(trained, tmp_path):
@@ -199,7 +201,7 @@ def test_a_trained_run_exports_to_transformers_with_the_same_logits(trained, tmp
     tokens = np.asarray([tokenizer.encode("import os\nfor name in os.listdir('.'):\n")])
     with torch.no_grad():
         expected = model(torch.tensor(tokens)).logits.numpy()
-    got = eval_lib.logits(runs.open_run(out), mesh_lib.make_mesh("dp=8"), tokens)
+    got = evaluation.logits(runs.open_run(out), mesh_lib.make_mesh("dp=8"), tokens)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
@@ -211,4 +213,4 @@ def test_a_run_without_prepared_data_needs_data(tiny_cfg, tmp_path):
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     from_hf.write_run(tmp_path / "run", cfg, params, mesh_lib.make_mesh("dp=8"))
     with pytest.raises(UsageError, match="has no prepared data to evaluate on: pass --data"):
-        eval_lib.evaluate(runs.open_run(tmp_path / "run"), mesh_lib.make_mesh("dp=8"))
+        evaluation.evaluate(runs.open_run(tmp_path / "run"), mesh_lib.make_mesh("dp=8"))

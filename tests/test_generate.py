@@ -11,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import generate as generate_lib
+from jaxlm import generation, runs
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
-from jaxlm import runs
 from jaxlm.convert import from_hf
 from jaxlm.errors import UsageError
-from jaxlm.generate import Sampling
+from jaxlm.generation import Sampling
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
 CONTEXT = 48
@@ -65,7 +64,7 @@ def prompts(batch=2, length=9, seed=0):
 
 def greedy(run, mesh, prompt, n=12, **kwargs):
     params = runs.load_params(run, mesh)
-    return generate_lib.generate(
+    return generation.generate(
         run.cfg.model,
         params,
         mesh,
@@ -161,7 +160,7 @@ def test_sampling_keeps_only_what_top_k_and_top_p_allow():
     logits = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
 
     def draw(sampling, seed=0):
-        tokens = jax.jit(generate_lib.sample, static_argnums=2)(
+        tokens = jax.jit(generation.sample, static_argnums=2)(
             logits, jax.random.key(seed), sampling
         )
         return np.bincount(np.asarray(tokens), minlength=4) / len(tokens)

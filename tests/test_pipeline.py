@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import train_rows
-from jaxlm import data, train
 from jaxlm import mesh as mesh_lib
+from jaxlm import training
+from jaxlm.data import loader
 from jaxlm.errors import UsageError
 from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.step import abstract_step_inputs, build_program, make_loss_fn
@@ -38,7 +39,7 @@ def unpipelined(request):
         "tiny", ["model.compute_dtype=float32", "data.source=synthetic", *FOUR_LAYERS]
     )
     one = mesh("dp=1")
-    losses = [r["loss"] for r in train_rows(train.run(cfg, one))]
+    losses = [r["loss"] for r in train_rows(training.run(cfg, one))]
     return losses, gradients(cfg, one)
 
 
@@ -46,7 +47,7 @@ def gradients(cfg, m):
     """d loss / d params on the first batch, from the initial state; layers as [L, ...]."""
     program = build_program(cfg, m)
     state = program.init(jax.random.key(0))
-    batch = next(data.make_batches(cfg, program.batch_sharding))
+    batch = next(loader.make_batches(cfg, program.batch_sharding))
     loss_sums = make_loss_fn(program.spec.graphdef)
 
     def loss(params):
@@ -68,7 +69,7 @@ def test_pipelined_losses_and_gradients_equal_the_unpipelined_model(
 ):
     cfg = tiny_cfg(*FOUR_LAYERS, *extra)
     losses, grads = unpipelined
-    program_losses = [r["loss"] for r in train_rows(train.run(cfg, mesh(spec)))]
+    program_losses = [r["loss"] for r in train_rows(training.run(cfg, mesh(spec)))]
     assert losses[-1] < losses[0] - 0.1
     np.testing.assert_allclose(program_losses, losses, rtol=1e-5)
     for (path, want), got in zip(
@@ -143,7 +144,7 @@ def test_the_weight_gather_check_catches_a_pipeline_that_gathers(tiny_cfg, monke
 
 def test_the_bubble_is_reported_at_start_and_in_every_row(tiny_cfg, caplog):
     cfg = tiny_cfg(*FOUR_LAYERS, "train.microbatches=8", "train.steps=2")
-    rows = train_rows(train.run(cfg, mesh("pp=4,dp=2")))
+    rows = train_rows(training.run(cfg, mesh("pp=4,dp=2")))
     bubble = PipelineSpec(stages=4, repeats=1, microbatches=8).bubble
     assert bubble == pytest.approx(3 / 11)
     assert all(r["pipeline_bubble"] == pytest.approx(bubble) for r in rows)
@@ -183,17 +184,17 @@ def test_pipelines_that_do_not_fit_are_refused_with_the_numbers(tiny_cfg, spec, 
 
 def test_a_pipelined_checkpoint_continues_without_a_pipeline(tiny_cfg, tmp_path):
     schedule = (*FOUR_LAYERS[:1], "train.decay_steps=8", "checkpoint.every=4", "train.eval_every=0")
-    whole = train_rows(train.run(tiny_cfg("train.steps=8", *schedule), mesh("dp=1")))
-    train.run(tiny_cfg("train.steps=4", *schedule), mesh("pp=2,dp=4"), tmp_path)
+    whole = train_rows(training.run(tiny_cfg("train.steps=8", *schedule), mesh("dp=1")))
+    training.run(tiny_cfg("train.steps=4", *schedule), mesh("pp=2,dp=4"), tmp_path)
     continued = train_rows(
-        train.run(tiny_cfg("train.steps=8", *schedule), mesh("fsdp=8"), tmp_path)
+        training.run(tiny_cfg("train.steps=8", *schedule), mesh("fsdp=8"), tmp_path)
     )
     np.testing.assert_allclose(
         [r["loss"] for r in continued], [r["loss"] for r in whole[4:]], rtol=1e-5
     )
 
     with pytest.raises(UsageError, match="resume with the train.pipeline_repeats it was"):
-        train.run(
+        training.run(
             tiny_cfg("train.steps=8", *schedule, "train.pipeline_repeats=2"),
             mesh("pp=2,dp=4"),
             tmp_path,

@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import flops, hardware, mesh, plan, tune
+from jaxlm import mesh
+from jaxlm.cost import flops, hardware, plan, search
 from jaxlm.step import build_program
 
 H100 = hardware.lookup("h100")
@@ -117,7 +118,7 @@ def test_plan_bad_input_exits_2(args):
 
 def test_tune_ranks_gpt_124m_layouts_on_8_devices():
     cfg = config_lib.load("gpt-124m")
-    result = tune.search(
+    result = search.search(
         cfg, jax.devices(), device=H100, per_node=8, memory_gb=80, max_trials=6, measure=False
     )
     layouts = result["layouts"]
@@ -127,7 +128,7 @@ def test_tune_ranks_gpt_124m_layouts_on_8_devices():
     assert all(r["xla_bytes"] > 80e9 for r in result["rejected"])
     assert "CPU" in result["ranked_by"]
     # the winner is a command line that trains
-    best = config_lib.apply_overrides(cfg, tune.Layout(**_layout(layouts[0])).overrides())
+    best = config_lib.apply_overrides(cfg, search.Layout(**_layout(layouts[0])).overrides())
     assert best.train.micro_batch_size == layouts[0]["micro_batch"]
 
 
@@ -142,7 +143,7 @@ def _layout(row):
 
 def test_tune_measures_steps_when_asked():
     cfg = config_lib.load("tiny", ["model.compute_dtype=float32"])
-    result = tune.search(
+    result = search.search(
         cfg,
         jax.devices()[:2],
         device=H100,

@@ -4,16 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import data
 from jaxlm import mesh as mesh_lib
-from jaxlm.step import build_program, split_micro_batches
+from jaxlm.data import loader
+from jaxlm.sharding import split_rows
+from jaxlm.step import build_program
 
 
 def test_padded_positions_do_not_touch_loss_or_gradients(tiny_cfg):
     cfg = tiny_cfg()
     mesh = mesh_lib.make_mesh("dp=2,tp=4")
     program = build_program(cfg, mesh)
-    batch = next(data.make_batches(cfg, program.batch_sharding))
+    batch = next(loader.make_batches(cfg, program.batch_sharding))
     weights = np.ones(batch["weights"].shape, np.float32)
     weights[:, 20:] = 0  # the last 12 positions of every row are padding
     garbage = np.asarray(batch["targets"]).copy()
@@ -34,7 +35,7 @@ def test_padded_positions_do_not_touch_loss_or_gradients(tiny_cfg):
 
 def test_micro_batches_are_strided_so_each_device_keeps_its_rows():
     x = jnp.arange(8)
-    micro = split_micro_batches(x, 4)
+    micro = split_rows(x, 4)
     assert micro.shape == (4, 2)
     # rows 0-3 live on device 0 and rows 4-7 on device 1 (dp=2): each micro batch takes one
     # row from each, so no row moves

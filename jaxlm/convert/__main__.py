@@ -11,11 +11,10 @@ weights and the SentencePiece tokenizer, for `AutoModelForCausalLM.from_pretrain
 """
 
 import argparse
-import os
 import pathlib
 import sys
 
-from jaxlm.cli import run_command
+from jaxlm import cli
 
 
 def parse_args(argv):
@@ -43,9 +42,7 @@ def parse_args(argv):
         help="dtype of the written weights (default float32, as trained)",
     )
     for sub in (into, out):
-        sub.add_argument(
-            "--cpu-devices", type=int, help="on CPU, pretend to have this many devices"
-        )
+        cli.add_cpu_devices(sub)
     return p.parse_args(argv)
 
 
@@ -53,8 +50,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
-        if args.cpu_devices:
-            os.environ["JAX_NUM_CPU_DEVICES"] = str(args.cpu_devices)
+        cli.use_cpu_devices(args.cpu_devices)
         if args.command == "from-hf":
             from jaxlm.convert import from_hf
 
@@ -66,7 +62,7 @@ def main(argv=None) -> int:
                 args.run_dir, args.out, step=args.step, mesh_spec=args.mesh, dtype=args.dtype
             )
 
-    return run_command(body)
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

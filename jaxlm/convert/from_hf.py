@@ -96,7 +96,7 @@ def convert(hf_dir, out, mesh_spec: str = "fsdp=-1") -> pathlib.Path:
     runs.check_mesh(cfg, mesh)
 
     # Compute starts here: every check a user's input can fail is behind us.
-    shardings = layouts.flat(sharding.tree_shardings(mesh, spec.axes, sharding.RULES))
+    shardings = layouts.flat(sharding.tree_shardings(mesh, spec.axes))
     params = {}
     for path, shape in shapes.items():
         host = _assemble(files, sources[path], names, shape)

@@ -20,6 +20,8 @@ Tensor layouts:
 import dataclasses
 import math
 
+import jax
+
 from jaxlm import config as config_lib
 from jaxlm.config import ModelConfig
 from jaxlm.errors import UsageError
@@ -332,8 +334,6 @@ def check_new_directory(out) -> None:
 def flat(tree) -> dict:
     """{"layers/attn/q_proj": leaf, ...}: a parameter tree by path (as checkpoint metadata names
     them)."""
-    import jax
-
     return {
         jax.tree_util.keystr(path, simple=True, separator="/"): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)

@@ -27,10 +27,10 @@ import shutil
 import jax
 import ml_dtypes
 import numpy as np
+import sentencepiece as spm
 from safetensors.numpy import save_file
 
 from jaxlm import mesh as mesh_lib
-from jaxlm import model as model_lib
 from jaxlm import runs
 from jaxlm.convert import layouts
 from jaxlm.errors import UsageError
@@ -61,8 +61,7 @@ def convert(
     runs.check_mesh(run.cfg, mesh)
 
     # Compute starts here.
-    spec = model_lib.describe(cfg)
-    params = layouts.flat(runs.load_params(run, mesh, spec))
+    params = layouts.flat(runs.load_params(run, mesh))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -163,8 +162,6 @@ def _write_tokenizer(
     model: pathlib.Path, run: runs.Run, out: pathlib.Path, context: int
 ) -> tuple[int | None, int | None]:
     """Copy the SentencePiece model and describe it for transformers; (bos, eos) ids."""
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(model))
     shutil.copyfile(model, out / "tokenizer.model")
     piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731

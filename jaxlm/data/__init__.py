@@ -1,79 +1,14 @@
-"""Data: where batches come from. Knows shapes and the batch sharding, never the model.
+"""Data: tokenizer, prepared shards and the pipeline that turns them into global batches.
 
-`data.source` picks the source:
-- `stdlib` (default): the interpreter's standard library, tokenized once into a cache;
-- a directory made by `python -m jaxlm.data prepare`;
-- `synthetic`: random Markov-chain walks generated on the devices (tests, benchmarks).
+    corpus      input files, directories, globs and JSONL -> documents
+    tokenizer   SentencePiece: train, load, fingerprint
+    prepare     documents -> tokenized, committed shards (python -m jaxlm.data prepare)
+    shards      reading prepared shards: manifest, splits, CRC checks
+    stdlib      the default corpus, built into a cache on first use
+    pipeline    grain: packing documents into windows, global arrays
+    synthetic   Markov-chain batches generated on the devices
+    loader      `data.source` -> checked source -> the iterator of global batches training uses
+
+Nothing in this package but `loader`, `pipeline` and `synthetic` imports JAX, so the data
+commands and the tokenizing worker processes start without it.
 """
-
-import pathlib
-
-from jaxlm.config import Config
-from jaxlm.errors import UsageError
-
-_EVAL_SEED_OFFSET = 1 << 20  # synthetic "validation" walks: same chain, other draws
-
-
-def resolve_source(cfg: Config) -> pathlib.Path | None:
-    """The prepared directory the config trains on (None for synthetic), checked against the
-    model: its vocabulary must fit and, if `data.tokenizer` is set, its tokenizer must match."""
-    source = cfg.data.source
-    if source == "synthetic":
-        return None
-    from jaxlm.data import shards, stdlib, tokenizer
-
-    directory = stdlib.dataset(cfg.model.vocab_size) if source == "stdlib" else pathlib.Path(source)
-    if source != "stdlib" and not directory.is_dir():
-        raise UsageError(f"data.source '{source}' is neither 'stdlib', 'synthetic' nor a directory")
-    manifest = shards.read_manifest(directory)
-    if manifest["vocab_size"] > cfg.model.vocab_size:
-        raise UsageError(
-            f"{directory} was tokenized with a vocabulary of {manifest['vocab_size']}, larger "
-            f"than the model's model.vocab_size={cfg.model.vocab_size}"
-        )
-    if cfg.data.tokenizer:
-        tokenizer.load(cfg.data.tokenizer)  # refuses a missing or invalid file
-        wanted = tokenizer.fingerprint(cfg.data.tokenizer)
-        if wanted != manifest["tokenizer_sha256"]:
-            raise UsageError(
-                f"{directory} was made with tokenizer {manifest['tokenizer_sha256'][:12]}, not "
-                f"with data.tokenizer={cfg.data.tokenizer} ({wanted[:12]})"
-            )
-    return directory
-
-
-def make_batches(cfg: Config, sharding, *, split: str = "train", directory=None):
-    """An iterator of global batches with `get_state()` / `set_state()`.
-
-    `split="val"` gives the held-out batches in a fixed order (no shuffling).
-    """
-    import jax
-
-    train = split == "train"
-    if cfg.data.source == "synthetic":
-        from jaxlm.data.synthetic import SyntheticBatches
-
-        seed = cfg.train.seed + (0 if train else _EVAL_SEED_OFFSET)
-        return SyntheticBatches(
-            batch_size=cfg.train.global_batch_size,
-            seq_len=cfg.train.seq_len,
-            vocab_size=cfg.model.vocab_size,
-            seed=seed,
-            sharding=sharding,
-        )
-    from jaxlm.data.pipeline import GlobalBatches, PackedBatches
-    from jaxlm.data.shards import PreparedSplit
-
-    directory = directory or resolve_source(cfg)
-    source = PackedBatches(
-        PreparedSplit(directory, split, verify=cfg.data.verify),
-        seq_len=cfg.train.seq_len,
-        global_batch=cfg.train.global_batch_size,
-        seed=cfg.train.seed,
-        shuffle=train,
-        segments=not cfg.data.cross_document_attention,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        name=split,
-    )
-    return GlobalBatches(source, sharding, threads=cfg.data.threads, prefetch=cfg.data.prefetch)

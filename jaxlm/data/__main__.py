@@ -13,7 +13,7 @@ import logging
 import pathlib
 import sys
 
-from jaxlm.cli import run_command
+from jaxlm import cli
 from jaxlm.data import corpus, prepare, tokenizer
 
 log = logging.getLogger("jaxlm")
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                 workers=args.workers,
             )
 
-    return run_command(body)
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

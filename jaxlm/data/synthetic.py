@@ -11,7 +11,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+
+from jaxlm.sharding import replicated
 
 BRANCHING = 4
 
@@ -23,7 +25,7 @@ class SyntheticBatches:
         self, *, batch_size: int, seq_len: int, vocab_size: int, seed: int, sharding: NamedSharding
     ):
         self.position = 0
-        self._replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        self._replicated = replicated(sharding.mesh)
         self._make = jax.jit(
             functools.partial(
                 _batch, shape=(batch_size, seq_len), vocab_size=vocab_size, seed=seed

@@ -27,6 +27,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxlm.sharding import merge_rows, split_rows
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
@@ -39,18 +41,6 @@ class PipelineSpec:
         """The idle share of each stage's time: (S − 1) / (R·M + S − 1)."""
         s, r, m = self.stages, self.repeats, self.microbatches
         return (s - 1) / (r * m + s - 1)
-
-
-def split_rows(x, parts: int):
-    """[B, ...] -> [parts, B / parts, ...]; row i goes to part i % parts, so a device's rows stay
-    on that device whatever the batch sharding."""
-    x = x.reshape(x.shape[0] // parts, parts, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-
-
-def merge_rows(x):
-    """The inverse of split_rows."""
-    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def to_stages(w, spec: PipelineSpec):

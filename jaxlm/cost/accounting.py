@@ -6,13 +6,18 @@
     energy_kwh        = the run's total so far (resumes included); tokens_per_kwh, and co2_kg with
                         log.carbon_intensity (kg CO2 per kWh)
 
-Model FLOPs per token are defined in jaxlm/flops.py; the peak comes from jaxlm/hardware.py.
+Model FLOPs per token are defined in jaxlm/cost/flops.py; the peak comes from
+jaxlm/cost/hardware.py.
 A meter covers one process's devices; with several processes the energy is that of process 0
 times their number (processes run the same program on the same kind of devices).
 """
 
 import dataclasses
 import logging
+
+import jax
+
+from jaxlm.cost import energy, flops, hardware
 
 log = logging.getLogger("jaxlm")
 
@@ -21,7 +26,7 @@ log = logging.getLogger("jaxlm")
 class StepAccounting:
     flops_per_token: float  # model FLOPs (6N + attention)
     peak_tflops: float | None  # per device; None: no MFU
-    meter: object = None  # jaxlm.energy meter, or None
+    meter: energy.Meter | None = None
     processes: int = 1
     carbon_intensity: float | None = None  # kg/kWh
     kwh_before: float = 0.0  # energy of the steps before a resume (from metrics.jsonl)
@@ -57,3 +62,30 @@ def resume_totals(rows: list[dict]) -> tuple[float, float]:
     """(kWh, tokens) of the steps before a resume, from the metrics rows kept for them."""
     kwh = next((r["energy_kwh"] for r in reversed(rows) if "energy_kwh" in r), 0.0)
     return kwh, sum(r["tokens"] for r in rows if "energy_kwh" in r)
+
+
+def open_accounting(cfg, program, previous_rows: list[dict]) -> StepAccounting:
+    """The accounting of a training run: its model FLOPs per token, the devices' peak, an
+    energy meter where one can be read, and the totals of the steps before a resume."""
+    per_token = flops.model_flops_per_token_of(cfg, program.spec.shapes)
+    peak, source = hardware.peak_tflops(cfg.train.peak_tflops, cfg.model.compute_dtype)
+    if peak:
+        log.info(
+            "MFU against %.4g TFLOP/s per device (%s); model FLOPs per token %.4g "
+            "(6N + causal attention, jaxlm/cost/flops.py)",
+            peak,
+            source,
+            per_token,
+        )
+    else:
+        log.info("no MFU: %s", source)
+    processes = jax.process_count()
+    meter, why = (
+        energy.open_meter(jax.local_devices()) if cfg.log.energy else (None, "log.energy=false")
+    )
+    if meter:
+        log.info("energy from %s%s", meter.source, f", x {processes} processes" * (processes > 1))
+    else:
+        log.info("energy not measured: %s", why)
+    kwh, tokens = resume_totals(previous_rows)
+    return StepAccounting(per_token, peak, meter, processes, cfg.log.carbon_intensity, kwh, tokens)

@@ -13,6 +13,11 @@ import dataclasses
 import functools
 import time
 
+import jax
+import jax.numpy as jnp
+
+from jaxlm.errors import UsageError
+
 
 @dataclasses.dataclass(frozen=True)
 class Device:
@@ -47,6 +52,14 @@ def lookup(kind: str) -> Device | None:
     return next((d for key, d in DEVICES.items() if key in kind), None)
 
 
+def device(kind: str) -> Device:
+    """`lookup`, for a device kind the user named: an unknown one is a UsageError."""
+    found = lookup(kind)
+    if found is None:
+        raise UsageError(f"unknown --device-kind '{kind}': use one of {', '.join(DEVICES)}")
+    return found
+
+
 @functools.cache  # once per process and dtype
 def measure_matmul_tflops(dtype: str = "float32", size: int = 1024, repeats: int = 3) -> float:
     """TFLOP/s of a size³ matmul on the first device, best of `repeats` after a warm-up.
@@ -54,9 +67,6 @@ def measure_matmul_tflops(dtype: str = "float32", size: int = 1024, repeats: int
     On a CPU all of a process's fake devices share the same cores, so one device's share of
     this figure is it divided by their number (see `peak_tflops`).
     """
-    import jax
-    import jax.numpy as jnp
-
     a = jnp.ones((size, size), dtype)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
@@ -70,8 +80,6 @@ def measure_matmul_tflops(dtype: str = "float32", size: int = 1024, repeats: int
 
 def peak_tflops(override: float | None, dtype: str) -> tuple[float | None, str]:
     """(peak TFLOP/s per device, where it comes from) for this process's devices."""
-    import jax
-
     if override:
         return override, "train.peak_tflops"
     device = jax.local_devices()[0]

@@ -17,10 +17,21 @@ import shutil
 import subprocess
 import threading
 import time
+from typing import Protocol
 
 log = logging.getLogger("jaxlm")
 
 RAPL_ROOT = pathlib.Path("/sys/class/powercap")
+
+
+class Meter(Protocol):
+    """What the training loop reads: joules since the meter opened, this process's devices."""
+
+    source: str
+
+    def joules(self) -> float: ...
+
+    def close(self) -> None: ...
 
 
 class RaplMeter:

@@ -51,10 +51,6 @@ class HloCounts:
     collective_bytes: dict[str, float]  # per device per step, by collective
     unknown_loops: int  # while loops without a proven trip count (counted once)
 
-    @property
-    def communication_bytes(self) -> float:
-        return sum(self.collective_bytes.values())
-
 
 def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
     return [

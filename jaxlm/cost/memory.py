@@ -1,0 +1,77 @@
+"""Bytes per device: the train state exactly (from its real shardings), activations estimated.
+
+The state's figure is the sum of each leaf's shard, so it equals what an initialised state
+holds on one device. The activations are arithmetic over the model's shapes and the
+recomputation policy (`estimate_activation_bytes`); `jaxlm.cost.compiled` gives XLA's own
+figure for comparison.
+"""
+
+import math
+
+import jax
+
+
+def shard_bytes(shapes, shardings) -> int:
+    """Bytes of one device's shards of a tree of arrays (or ShapeDtypeStructs)."""
+    leaves = jax.tree.leaves(
+        jax.tree.map(
+            lambda s, sh: math.prod(sh.shard_shape(s.shape)) * s.dtype.itemsize, shapes, shardings
+        )
+    )
+    return int(sum(leaves))
+
+
+def state_bytes(program) -> dict[str, int]:
+    """Bytes per device of parameters, gradients and optimizer state, from the real shardings."""
+    state = jax.eval_shape(program.init, jax.random.key(0))
+    params = shard_bytes(state.params, program.state_shardings.params)
+    return {
+        "params": params,
+        # the accumulated gradients live in the parameters' layout and dtype (float32)
+        "grads": params,
+        "optimizer": shard_bytes(state.opt_state, program.state_shardings.opt_state),
+    }
+
+
+def activation_bytes(cfg, program, mesh) -> int:
+    """See `estimate_activation_bytes`, for a built program on its mesh."""
+    return estimate_activation_bytes(
+        cfg,
+        program.micro_batch,
+        program.stages.stages,
+        mesh.shape["tensor"],
+        program.stages.microbatches,
+    )
+
+
+def estimate_activation_bytes(
+    cfg, micro_batch: int, stages: int, tp: int, microbatches: int = 1
+) -> int:
+    """An estimate of the activations one device keeps for the backward pass, plus the largest
+    transient (one layer recomputed, the logits and their gradient).
+
+    Per token and layer, in the compute dtype: `save_dots` keeps the layer input and every
+    weight matmul's output (q, k, v, attention out, MLP in and out); `none` also keeps the norms'
+    float32 inputs, the rotated q and k, attention scores and probabilities (T per head with the
+    XLA implementation) and the MLP's activation; `full` keeps only the layer input. Tensor
+    parallelism divides the head- and MLP-sized parts. A device holds the tokens of its
+    micro batch (all of a pipeline's microbatches, GPipe) for its L / pp layers; a recomputed
+    layer works on one pipeline microbatch at a time, and the head on the micro batch split
+    over the pipeline axis.
+    """
+    m, t = cfg.model, cfg.train
+    c = 4 if m.compute_dtype == "float32" else 2
+    D, T, F = m.d_model, t.seq_len, m.d_ff
+    q, kv = m.n_heads * m.dim_per_head / tp, 2 * m.kv_heads * m.dim_per_head / tp
+    mlp_in = (2 if m.mlp == "swiglu" else 1) * F / tp
+    save_dots = c * (D + q + kv + D + mlp_in + D)
+    everything = (
+        save_dots + 2 * 4 * D + c * (q + kv / 2) + (c + 4) * m.n_heads / tp * T + c * (q + mlp_in)
+    )
+    per_layer = {"none": everything, "save_dots": save_dots, "full": c * D}[m.remat]
+    tokens = micro_batch * T
+    layers = m.n_layers // stages
+    transient = tokens / microbatches * everything if m.remat == "full" else 0
+    # logits in the compute dtype, their float32 softmax and its gradient
+    logits = tokens / stages * m.vocab_size / tp * (c + 4 + 4)
+    return int(tokens * layers * per_layer + transient + logits)

@@ -1,0 +1,178 @@
+"""Training a model on a mesh: the phases of a run, wired in the order they happen.
+
+    cfg = jaxlm.config.load("tiny", ["train.steps=20"])
+    mesh = jaxlm.mesh.make_mesh("dp=2,tp=4")
+    rows = jaxlm.training.run(cfg, mesh)          # one metrics dict per step
+
+`run` goes through:
+1. program: the layout checks, the model's shapes and every sharding (jaxlm/step.py);
+2. data: the source checked against the model, the training and validation batches;
+3. run directory: created (config.yaml written by process 0), per-process logs;
+4. state: restored from the newest intact checkpoint, or initialised in its shards (with the
+   parameters of `checkpoint.init_from` if set);
+5. metrics and accounting: metrics.jsonl and TensorBoard (the rows after a resume dropped),
+   MFU and energy;
+6. the loop (jaxlm/loop.py): steps, validation, checkpoints, stop requests, bad steps;
+7. closing: the last checkpoint committed, logs flushed.
+Everything a user's input can get wrong fails in phases 1-3, before the first array is
+allocated. `python -m jaxlm.train` is a thin command over `run`.
+"""
+
+import contextlib
+import logging
+import pathlib
+
+import jax
+
+from jaxlm import checkpoint, distributed, metrics
+from jaxlm import config as config_lib
+from jaxlm import mesh as mesh_lib
+from jaxlm.cost import accounting
+from jaxlm.data import loader
+from jaxlm.errors import UsageError
+from jaxlm.evaluation import Evaluator
+from jaxlm.loop import Loop
+from jaxlm.model import param_count
+from jaxlm.preemption import StopRequest
+from jaxlm.step import Program, abstract_state, build_program
+
+log = logging.getLogger("jaxlm")
+
+
+def run(
+    cfg: config_lib.Config,
+    mesh,
+    out_dir: pathlib.Path | None = None,
+    *,
+    program: Program | None = None,
+) -> list[dict]:
+    """Train `cfg` on `mesh`; return the metrics rows written by this call (one per step with
+    `loss`, one per validation with `val_loss`).
+
+    With `out_dir`, the run writes metrics, TensorBoard events and checkpoints there, and resumes
+    from its newest intact checkpoint if it has one. `program` (from
+    `jaxlm.step.build_program(cfg, mesh)`) may be passed in to reuse its compiled functions, or
+    to inspect them afterwards.
+    """
+    program = program or build_program(cfg, mesh)  # 1
+    directory = loader.resolve_source(cfg)  # 2
+    batches = loader.make_batches(cfg, program.batch_sharding, directory=directory)
+    evaluator = Evaluator(cfg, program, directory)
+    writer = jax.process_index() == 0  # writes metrics, TensorBoard and the config
+    out_dir = prepare_out_dir(out_dir, cfg, write_config=writer)  # 3
+    if jax.process_count() > 1:
+        distributed.log_to_file(out_dir)  # and only process 0 on the terminal
+    log_start(cfg, mesh, program)
+
+    checkpoints = checkpoint.Checkpoints(out_dir, cfg.checkpoint) if out_dir else None  # 4
+    shapes = checkpoint.param_shapes(program.spec.shapes)
+
+    def restore() -> checkpoint.Restored | None:
+        return checkpoints.restore_latest(abstract_state(program), shapes)
+
+    state, start = initial_state(cfg, program, batches, restore if checkpoints else None)
+
+    rows = []
+    with contextlib.ExitStack() as closing:  # 7, in the reverse order of opening
+        if checkpoints:
+            closing.callback(checkpoints.close)
+        metrics_log = metrics.MetricsLog(  # 5
+            out_dir if writer else None, resume_step=start, tensorboard=cfg.log.tensorboard
+        )
+        closing.callback(metrics_log.close)
+        step_accounting = accounting.open_accounting(cfg, program, metrics_log.kept)
+        closing.callback(step_accounting.close)
+        progress = metrics.ProgressReport(
+            cfg.train.steps, every=cfg.log.every, first_step=start, live=writer
+        )
+        closing.callback(progress.close)
+
+        def write(row: dict, prefix: str = "train") -> None:
+            rows.append(row)
+            metrics_log.write(row, prefix=prefix)
+
+        stop = closing.enter_context(StopRequest.from_config(cfg.train))
+        Loop(  # 6
+            cfg=cfg,
+            program=program,
+            batches=batches,
+            evaluate=evaluator,
+            checkpoints=checkpoints,
+            write=write,
+            progress=progress,
+            stop=stop,
+            metadata={
+                "mesh": mesh_lib.describe(dict(mesh.shape)),
+                "devices": mesh.devices.size,
+                "param_shapes": shapes,
+                "seed": cfg.train.seed,
+                "data": cfg.data.source,
+            },
+            restore=restore,
+            accounting=step_accounting,
+        ).run(state)
+    return rows
+
+
+def initial_state(cfg, program: Program, batches: loader.Batches, restore):
+    """(state, step): the newest intact checkpoint's, with the data iterator moved to where it
+    was; else a new state in its shards, its parameters from `checkpoint.init_from` if set."""
+    restored = restore() if restore else None
+    if restored:
+        batches.set_state(restored.data_state)
+        log.info("resumed from the checkpoint of step %d", restored.step)
+        return restored.state, restored.step
+    state = program.init(jax.random.key(cfg.train.seed))
+    if cfg.checkpoint.init_from:
+        params = checkpoint.load_params(
+            cfg.checkpoint.init_from,
+            abstract_state(program).params,
+            checkpoint.param_shapes(program.spec.shapes),
+        )
+        state = state.replace(params=params)
+    return state, 0
+
+
+def log_start(cfg, mesh, program: Program) -> None:
+    """The run's first lines: parameters, mesh, batch geometry, tokens per step; the pipeline."""
+    t = cfg.train
+    log.info(
+        "jaxlm | %s parameters | mesh %s on %d %s devices | batch %d = micro %d x accum %d x "
+        "replicas %d | %d tokens/step | %s compute | data %s",
+        f"{param_count(program.spec.shapes):,}",
+        mesh_lib.describe(dict(mesh.shape)),
+        mesh.devices.size,
+        jax.devices()[0].platform,
+        t.global_batch_size,
+        program.micro_batch,
+        program.accumulation,
+        t.global_batch_size // (program.micro_batch * program.accumulation),
+        t.global_batch_size * t.seq_len,
+        cfg.model.compute_dtype,
+        cfg.data.source,
+    )
+    p = program.stages
+    if p.stages > 1:
+        log.info(
+            "pipeline | %d stages x %d repeats, %d layers each | %d microbatches per "
+            "forward pass | bubble %.1f %% = (S-1)/(R*M+S-1)",
+            p.stages,
+            p.repeats,
+            cfg.model.n_layers // (p.stages * p.repeats),
+            p.microbatches,
+            100 * p.bubble,
+        )
+
+
+def prepare_out_dir(out_dir: pathlib.Path | None, cfg, *, write_config: bool = True):
+    """The run directory, created, with the resolved config.yaml; None without one."""
+    if out_dir is None:
+        return None
+    out_dir = pathlib.Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if write_config:
+            (out_dir / "config.yaml").write_text(config_lib.dump(cfg))
+    except OSError as e:
+        raise UsageError(f"cannot write to the run directory {out_dir}: {e.strerror}") from None
+    return out_dir
