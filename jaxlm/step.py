@@ -229,9 +229,9 @@ def make_train_step(
 
 def abstract_state(program: Program) -> TrainState:
     """The train state as shapes with their shardings: a restore target, or a compile input."""
-    return sharding.abstract_target(
-        jax.eval_shape(program.init, jax.random.key(0)), program.state_shardings
-    )
+    # the key is made inside eval_shape: nothing is put on a device (the loop forbids it)
+    shapes = jax.eval_shape(lambda: program.init(jax.random.key(0)))
+    return sharding.abstract_target(shapes, program.state_shardings)
 
 
 def abstract_step_inputs(cfg: Config, program: Program):

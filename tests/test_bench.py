@@ -73,6 +73,8 @@ def run(*args, env=None):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.hf
 def test_bench_writes_result_rows_with_the_ratio_to_pytorch(tmp_path):
     pytest.importorskip("torch")
     reference = run(
@@ -141,6 +143,8 @@ def test_bench_refuses_a_pytorch_result_of_another_model(tmp_path):
     assert out.returncode == 2 and "not the same model" in out.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.hf
 @pytest.mark.parametrize(
     "preset,overrides",
     [

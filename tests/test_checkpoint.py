@@ -57,9 +57,21 @@ def wait_for_step(out, process, step, timeout=240):
     raise TimeoutError(f"no step {step} in {timeout} s")
 
 
+def wait_for_commit(out, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        if list((out / "checkpoints").glob("*/commit_success.txt")):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"no committed checkpoint in {timeout} s")
+
+
+@pytest.mark.slow
 def test_kill_9_and_rerun_logs_the_same_losses_bit_for_bit(tmp_path):
     """Real data (the default corpus), CPU, fixed seed: the restarted run is indistinguishable."""
-    args = ("train.steps=30", "checkpoint.every=4", "train.eval_every=10")
+    # 60 steps of ~0.02 s: long enough that the kill lands mid-run once a checkpoint committed
+    args = ("train.steps=60", "checkpoint.every=4", "train.eval_every=10")
     reference = subprocess.run(
         command(tmp_path / "a", *args), env=ENV, capture_output=True, text=True, timeout=600
     )
@@ -72,10 +84,11 @@ def test_kill_9_and_rerun_logs_the_same_losses_bit_for_bit(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    wait_for_commit(tmp_path / "b", process)  # the asynchronous save of step 4, at least
     killed_after = wait_for_step(tmp_path / "b", process, kill_at)
     process.kill()  # SIGKILL: no chance to save anything
     process.wait()
-    assert killed_after < 30
+    assert killed_after < 60
     rerun = subprocess.run(
         command(tmp_path / "b", *args), env=ENV, capture_output=True, text=True, timeout=600
     )
@@ -89,6 +102,7 @@ def test_kill_9_and_rerun_logs_the_same_losses_bit_for_bit(tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, devices", [("fsdp=4,tp=2", 8), ("dp=2,tp=2", 4)])
 def test_save_on_dp8_restore_and_continue_on_another_mesh(tiny_cfg, tmp_path, spec, devices):
     schedule = ("train.decay_steps=10", "checkpoint.every=3", "train.eval_every=0")
@@ -124,6 +138,7 @@ def _restore(cfg, mesh, out):
         ckpts.close()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_75_within_30_s(tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(
@@ -144,6 +159,7 @@ def test_sigterm_saves_the_current_step_and_exits_75_within_30_s(tmp_path):
     assert "stopped by SIGTERM" in stdout
 
 
+@pytest.mark.slow
 def test_time_limit_saves_and_exits_75(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
@@ -208,6 +224,7 @@ def test_a_loss_spike_is_skipped():
     assert bad.in_a_row == 1 and 3.03 < bad.loss_limit() < 3.06  # spikes stay out of the window
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, reason",
     [
@@ -245,6 +262,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage,
     assert [r["step"] for r in rows_of(tmp_path) if "loss" in r] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_exits_2_naming_the_parameters(tmp_path):
     args = ("train.steps=2", "train.eval_every=0")
     assert (
@@ -280,6 +298,7 @@ def test_an_unwritable_run_directory_exits_2_before_training(tmp_path):
     assert "compiled" not in result.stdout
 
 
+@pytest.mark.slow
 def test_init_from_takes_another_runs_parameters_only(tiny_cfg, tmp_path):
     mesh = mesh_lib.make_mesh("dp=8")
     first = training.run(tiny_cfg("train.steps=3"), mesh, tmp_path / "a")

@@ -23,6 +23,7 @@ def train(*args, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_a_run_writes_metrics_tensorboard_and_its_config(tmp_path):
     """The tiny preset on the default corpus (the standard library, built into the cache)."""
     out = tmp_path / "run"

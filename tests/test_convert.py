@@ -24,6 +24,7 @@ from jaxlm.errors import UsageError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
+pytestmark = pytest.mark.hf
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
 TOLERANCE = 1e-4
@@ -214,6 +215,7 @@ def test_converted_checkpoint_restores_on_any_mesh(tmp_path):
             convert(tmp_path / source, tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_a_converted_run_is_trained_from_not_resumed(tmp_path):
     """Resuming a converted run (parameters only) is refused with exit 2, nothing renamed;
     checkpoint.init_from trains from it."""
@@ -323,6 +325,7 @@ def convert_cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_command_line_round_trip_with_the_logits_tool(tmp_path):
     """The commands as a user runs them: from-hf, eval --tokens --logits-out, to-hf."""
     model = hf_model("gpt2-tied", seed=6)

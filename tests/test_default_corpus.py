@@ -10,15 +10,29 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import production_env
+
+# The default model's 300 steps are compute, not compile: they run with XLA's defaults.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """The default model trained for 300 steps on the default corpus, from an empty cache."""
     tmp_path = tmp_path_factory.mktemp("default")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLM_CACHE": str(tmp_path / "cache")}
+    env = production_env(JAX_PLATFORMS="cpu", JAXLM_CACHE=str(tmp_path / "cache"))
     env.pop("JAX_NUM_CPU_DEVICES", None)
     result = subprocess.run(
-        [sys.executable, "-m", "jaxlm.train", "--out", str(tmp_path / "run"), "train.steps=300"],
+        # validation after step 1 and at the end, the two points the test compares
+        [
+            sys.executable,
+            "-m",
+            "jaxlm.train",
+            "--out",
+            str(tmp_path / "run"),
+            "train.steps=300",
+            "train.eval_every=300",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -38,6 +52,7 @@ def test_default_model_learns_the_standard_library_from_an_empty_cache(default_r
     assert val[-1] <= 0.6 * val[0], val  # and falls by at least 40 %
 
 
+@pytest.mark.hf
 def test_the_trained_model_gives_the_same_next_token_logits_in_transformers(default_run):
     """Export with `python -m jaxlm.convert to-hf`, load with transformers' from_pretrained,
     and compare with `python -m jaxlm.eval --tokens --logits-out` on real code."""

@@ -73,6 +73,7 @@ def one_process(tmp_path_factory):
     return rows(out)
 
 
+@pytest.mark.slow
 def test_two_processes_train_exactly_like_one(tmp_path, one_process):
     result = launch(2, tmp_path, *SCHEDULE, "--mesh", "dp=2,fsdp=2,tp=2", "train.steps=12")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -89,6 +90,7 @@ def test_two_processes_train_exactly_like_one(tmp_path, one_process):
     assert "process 1 of 2" not in result.stdout  # only process 0 talks on the terminal
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(tmp_path, one_process):
     result = launch(
         2, tmp_path, *SCHEDULE, "--mesh", "dp=2,fsdp=2,tp=2", "train.steps=6", "checkpoint.every=3"
@@ -110,6 +112,7 @@ def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(tmp_path
     )
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -82,6 +82,7 @@ def test_the_loss_is_the_validation_loss_training_logged(trained, tmp_path):
     assert f"{row['loss']:.4f}" in table[4]
 
 
+@pytest.mark.slow
 def test_the_whole_split_by_default_and_another_data_directory(trained):
     out, _ = trained
     run = runs.open_run(out)
@@ -188,6 +189,7 @@ def test_bad_input_exits_2(trained, tmp_path):
         evaluation.evaluate(runs.open_run(out), mesh_lib.make_mesh("dp=3", jax.devices()[:3]))
 
 
+@pytest.mark.hf
 def test_a_trained_run_exports_to_transformers_with_the_same_logits(trained, tmp_path):
     """What `python -m jaxlm.train` writes (the whole train state) exports with its tokenizer."""
     torch = pytest.importorskip("torch")

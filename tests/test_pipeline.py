@@ -63,6 +63,7 @@ def gradients(cfg, m):
     return grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, extra", LAYOUTS)
 def test_pipelined_losses_and_gradients_equal_the_unpipelined_model(
     tiny_cfg, unpipelined, spec, extra
@@ -182,6 +183,7 @@ def test_pipelines_that_do_not_fit_are_refused_with_the_numbers(tiny_cfg, spec, 
         build_program(tiny_cfg(*overrides), mesh(spec))
 
 
+@pytest.mark.slow
 def test_a_pipelined_checkpoint_continues_without_a_pipeline(tiny_cfg, tmp_path):
     schedule = (*FOUR_LAYERS[:1], "train.decay_steps=8", "checkpoint.every=4", "train.eval_every=0")
     whole = train_rows(training.run(tiny_cfg("train.steps=8", *schedule), mesh("dp=1")))

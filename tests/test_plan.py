@@ -40,6 +40,7 @@ def test_plan_bytes_match_the_shards_of_a_real_state(preset, spec, extra):
     )
 
 
+@pytest.mark.slow
 def test_compiled_matmul_flops_are_the_arithmetic_with_full_attention():
     """XLA computes every T x T score (no causal halving): its count is the hardware FLOPs plus
     the causal half of the attention matmuls, forward and backward. Loops (12 layers, 4 micro
@@ -61,6 +62,7 @@ def run_plan(*args: str, timeout: int = 600):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "preset,spec,devices",
     [
@@ -116,6 +118,7 @@ def test_plan_bad_input_exits_2(args):
     assert out.stderr.strip().startswith("error:")
 
 
+@pytest.mark.slow
 def test_tune_ranks_gpt_124m_layouts_on_8_devices():
     cfg = config_lib.load("gpt-124m")
     result = search.search(
@@ -141,6 +144,7 @@ def _layout(row):
     }
 
 
+@pytest.mark.slow
 def test_tune_measures_steps_when_asked():
     cfg = config_lib.load("tiny", ["model.compute_dtype=float32"])
     result = search.search(
@@ -156,3 +160,25 @@ def test_tune_measures_steps_when_asked():
     assert result["ranked_by"] == "measured steps"
     assert len(result["layouts"]) == 3
     assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in result["layouts"])
+
+
+def test_tune_enumerates_every_mesh_the_model_divides():
+    cfg = config_lib.load("tiny")  # 8 heads, 4 kv heads, 2 layers
+    m = cfg.model
+    shapes = search.meshes(cfg, 8, per_node=4)
+    by_hand = [
+        {"pipeline": pp, "data": dp, "fsdp": fsdp, "tensor": tp}
+        for tp in (1, 2, 4, 8)
+        for pp in range(1, 9)
+        for fsdp in range(1, 9)
+        for dp in range(1, 9)
+        if pp * dp * fsdp * tp == 8
+        and tp <= 4  # inside a node of 4
+        and m.n_heads % tp == 0
+        and m.kv_heads % tp == 0
+        and m.n_layers % pp == 0
+    ]
+    assert sorted(map(str, shapes)) == sorted(map(str, by_hand))
+    layout = search.Layout(by_hand[0], remat="full", zero1=True, micro_batch=4)
+    c = config_lib.apply_overrides(cfg, layout.overrides())
+    assert (c.model.remat, c.train.zero1, c.train.micro_batch_size) == ("full", True, 4)

@@ -13,7 +13,11 @@ import slurm_cluster
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 why_not = slurm_cluster.available()
-pytestmark = pytest.mark.skipif(bool(why_not), reason=why_not)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.skipif(bool(why_not), reason=why_not),
+]
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ def test_every_layout_matches_one_device(tiny_cfg, one_device_losses, spec, extr
     np.testing.assert_allclose(sharded, one_device_losses, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_accumulating_four_micro_batches_of_two_equals_one_batch_of_eight(tiny_cfg):
     one = mesh_lib.make_mesh("dp=1", jax.devices()[:1])
     base = ("train.global_batch_size=8", "train.steps=3")
@@ -57,6 +58,7 @@ def test_accumulating_four_micro_batches_of_two_equals_one_batch_of_eight(tiny_c
         np.testing.assert_allclose([r[key] for r in accumulated], [r[key] for r in big], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_accumulation_with_data_parallelism(tiny_cfg):
     cfg = tiny_cfg("train.global_batch_size=16", "train.micro_batch_size=1", "train.steps=3")
     program = build_program(cfg, mesh_lib.make_mesh("dp=4,tp=2"))
@@ -78,6 +80,7 @@ def test_train_step_is_traced_once_in_ten_steps(tiny_cfg):
     assert program.train_step._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_float16_loss_scale_backs_off_on_overflow_and_skips(tiny_cfg):
     cfg = tiny_cfg("model.compute_dtype=float16", "train.loss_scale=1e30", "train.steps=4")
     rows = train_rows(training.run(cfg, mesh_lib.make_mesh("dp=2,tp=4")))
