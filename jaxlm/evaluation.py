@@ -73,8 +73,9 @@ class Evaluator:
         loss, _ = mean_loss(
             lambda batch: self.program.eval_step(state, batch), self._batches(), self.count
         )
-        log.info("step %d | validation loss %.4f | perplexity %.1f", step, loss, perplexity(loss))
-        return {"step": step, "val_loss": loss, "val_perplexity": perplexity(loss)}
+        ppl = perplexity(loss)
+        log.info("step %d | validation loss %.4f | perplexity %.1f", step, loss, ppl)
+        return {"step": step, "val_loss": loss, "val_perplexity": ppl}
 
 
 def evaluate(run: runs.Run, mesh, *, batches: int | None = None) -> dict:

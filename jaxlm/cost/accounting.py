@@ -84,7 +84,8 @@ def open_accounting(cfg, program, previous_rows: list[dict]) -> StepAccounting:
         energy.open_meter(jax.local_devices()) if cfg.log.energy else (None, "log.energy=false")
     )
     if meter:
-        log.info("energy from %s%s", meter.source, f", x {processes} processes" * (processes > 1))
+        times = f", x {processes} processes" if processes > 1 else ""
+        log.info("energy from %s%s", meter.source, times)
     else:
         log.info("energy not measured: %s", why)
     kwh, tokens = resume_totals(previous_rows)
