@@ -20,6 +20,7 @@ import shlex
 import sys
 
 from jaxlm import backend, cli
+from jaxlm.domain import at_least
 from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
@@ -28,8 +29,13 @@ log = logging.getLogger("jaxlm")
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.bench", description=__doc__.split("\n")[0])
     cli.add_config_args(p)
-    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=cli.COUNT, default=20, help="timed steps (default 20)")
+    p.add_argument(
+        "--warmup",
+        type=cli.in_domain(int, at_least(0)),
+        default=3,
+        help="untimed steps first (default 3)",
+    )
     p.add_argument("--out", type=pathlib.Path, help="append the row to this JSON list")
     p.add_argument(
         "--pytorch",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from jaxlm import config as config_lib
 from jaxlm import cost
+from jaxlm.domain import Range, at_least
 from jaxlm.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, Diverged, Preempted, UsageError
 
 log = logging.getLogger("jaxlm")
@@ -38,6 +39,26 @@ def log_to_stderr() -> None:
 
 
 # --- flags ---------------------------------------------------------------------------------------
+
+
+def in_domain(kind: type, domain: Range) -> Callable[[str], float]:
+    """An argparse `type=` that parses `kind` and refuses values outside `domain`: argparse then
+    exits 2 with one sentence naming the flag, before any work."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__}, not '{text}'") from None
+        if not domain.contains(value):
+            raise argparse.ArgumentTypeError(f"must be {domain.describe()}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+COUNT = in_domain(int, at_least(1))  # steps, devices, processes, tokens to generate
 
 
 def add_config_args(
@@ -71,7 +92,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     """The options plan and tune share: the machine the model is meant for."""
     p.add_argument(
         "--devices",
-        type=int,
+        type=COUNT,
         help="devices in all (default: the mesh's size); compiled on this many fake CPU devices",
     )
     p.add_argument(
@@ -82,7 +103,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--devices-per-node",
-        type=int,
+        type=COUNT,
         help="devices in one node (default: the device kind's usual node)",
     )
 
@@ -90,7 +111,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
 def add_cpu_devices(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-devices",
-        type=int,
+        type=COUNT,
         help="on CPU, pretend to have this many devices (to try a mesh on a laptop)",
     )
 

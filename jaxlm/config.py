@@ -19,9 +19,25 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxlm import domain
+from jaxlm.domain import (
+    Duration,
+    NonEmpty,
+    Range,
+    at_least,
+    check_fields,
+    fraction,
+    non_negative,
+    positive,
+)
 from jaxlm.errors import UsageError
 
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+def setting(default, domain):
+    """A config field with the values it accepts (jaxlm/domain.py), checked by `validate`."""
+    return dataclasses.field(default=default, metadata={"domain": domain})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,22 +49,24 @@ class ModelConfig:
     under three minutes on two CPU cores.
     """
 
-    vocab_size: int = 4096
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
-    head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int = 512
+    vocab_size: int = setting(4096, at_least(1))
+    d_model: int = setting(128, at_least(1))
+    n_layers: int = setting(4, at_least(1))
+    n_heads: int = setting(4, at_least(1))
+    # None: as many as n_heads (plain multi-head attention)
+    n_kv_heads: int | None = setting(None, at_least(1))
+    head_dim: int | None = setting(None, at_least(1))  # None: d_model // n_heads
+    d_ff: int = setting(512, at_least(1))
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    norm_eps: float = 1e-5
+    norm_eps: float = setting(1e-5, positive())
     positions: Literal["rope", "learned"] = "rope"
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048  # size of the learned position table; the longest usable context
+    rope_theta: float = setting(10000.0, positive())
+    # size of the learned position table; the longest usable context
+    max_seq_len: int = setting(2048, at_least(1))
     tie_embeddings: bool = False
     use_bias: bool = False
-    init_std: float = 0.02
+    init_std: float = setting(0.02, positive())
     compute_dtype: DType = "bfloat16"  # parameters stay float32; matmuls run in this dtype
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     remat: Literal["none", "full", "save_dots"] = "none"
@@ -66,61 +84,80 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, batch geometry and the layout choices that are not the mesh itself."""
 
-    steps: int = 300
-    seed: int = 0
-    global_batch_size: int = 32  # sequences per optimizer step, over all devices
-    micro_batch_size: int | None = None  # sequences per data-parallel replica per forward pass;
+    steps: int = setting(300, at_least(1))
+    seed: int = setting(0, at_least(0))
+    # sequences per optimizer step, over all devices
+    global_batch_size: int = setting(32, at_least(1))
+    # sequences per data-parallel replica per forward pass;
     # None: global_batch_size / data-parallel size, i.e. no gradient accumulation
-    seq_len: int = 128
+    micro_batch_size: int | None = setting(None, at_least(1))
+    seq_len: int = setting(128, at_least(1))
     zero1: bool = False  # shard only the optimizer state over data x fsdp (params replicated)
-    microbatches: int | None = None  # pipeline microbatches per forward pass (None: = stages)
-    pipeline_repeats: int = 1  # > 1: circular pipeline, each stage holds this many layer groups
-    lr: float = 4e-3
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 30
-    decay_steps: int | None = None  # the schedule's length (None: train.steps); set it to stop
-    # early and extend a run later on the same schedule
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clipping; 0 disables it
-    loss_scale: float = 32768.0  # initial dynamic loss scale, used only with float16 compute
-    loss_scale_period: int = 1000  # finite steps before the float16 loss scale doubles
-    time_limit: str | None = None  # "HH:MM:SS" or seconds: then save and exit 75 to be requeued
-    max_bad_steps: int = 5  # bad steps in a row before rolling back to the last checkpoint
-    spike_sigma: float = 0.0  # a loss above mean + k sigma of the window is a bad step (0: off)
-    spike_window: int = 100  # recent steps the spike statistics are taken over
-    eval_every: int = 50  # validation loss after step 1, every this many steps, and at the end
-    eval_batches: int = 16  # held-out global batches per validation (fewer if the split is small)
-    peak_tflops: float | None = None  # per device, for MFU (None: by device kind; on CPU measured)
+    # pipeline microbatches per forward pass (None: = stages)
+    microbatches: int | None = setting(None, at_least(1))
+    # > 1: circular pipeline, each stage holds this many layer groups
+    pipeline_repeats: int = setting(1, at_least(1))
+    lr: float = setting(4e-3, positive())
+    min_lr_ratio: float = setting(0.1, fraction())  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = setting(30, at_least(0))
+    # the schedule's length (None: train.steps); set it to stop early and extend a run later on
+    # the same schedule
+    decay_steps: int | None = setting(None, at_least(1))
+    weight_decay: float = setting(0.1, non_negative())
+    beta1: float = setting(0.9, fraction(high_open=True))
+    beta2: float = setting(0.95, fraction(high_open=True))
+    adam_eps: float = setting(1e-8, positive())
+    grad_clip: float = setting(1.0, non_negative())  # global-norm clipping; 0 disables it
+    # initial dynamic loss scale, used only with float16 compute
+    loss_scale: float = setting(32768.0, Range(low=1))
+    # finite steps before the float16 loss scale doubles
+    loss_scale_period: int = setting(1000, at_least(1))
+    # "HH:MM:SS" or seconds: then save and exit 75 to be requeued
+    time_limit: str | None = setting(None, Duration())
+    # bad steps in a row before rolling back to the last checkpoint
+    max_bad_steps: int = setting(5, at_least(1))
+    # a loss above mean + k sigma of the window is a bad step (0: off)
+    spike_sigma: float = setting(0.0, non_negative())
+    # recent steps the spike statistics are taken over
+    spike_window: int = setting(100, at_least(2))
+    # validation loss after step 1, every this many steps, and at the end
+    eval_every: int = setting(50, at_least(0))
+    # held-out global batches per validation (fewer if the split is small)
+    eval_batches: int = setting(16, at_least(1))
+    # per device, for MFU (None: by device kind; on CPU measured)
+    peak_tflops: float | None = setting(None, positive())
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     # "stdlib" (the interpreter's standard library, tokenized into $JAXLM_CACHE on first use),
     # a directory made by `python -m jaxlm.data prepare`, or "synthetic"
-    source: str = "stdlib"
-    tokenizer: str | None = None  # if set, refuse shards that another tokenizer made
+    source: str = setting("stdlib", NonEmpty())
+    # if set, refuse shards that another tokenizer made
+    tokenizer: str | None = setting(None, NonEmpty())
     cross_document_attention: bool = False  # false: packed documents do not see each other
-    threads: int = 1  # grain reader threads (0: read in the training thread)
-    prefetch: int = 4  # batches read ahead
+    threads: int = setting(1, at_least(0))  # grain reader threads (0: read in the training thread)
+    prefetch: int = setting(4, at_least(1))  # batches read ahead
     verify: bool = True  # check every shard's CRC-32 when training starts
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 100  # steps between checkpoints (also one at the end); 0: only at the end
-    keep: int = 3  # newest checkpoints kept
-    keep_every: int = 0  # also keep every checkpoint whose step divides by this, forever (0: none)
-    init_from: str | None = None  # start a new run from the params of another run's checkpoint
+    # steps between checkpoints (also one at the end); 0: only at the end
+    every: int = setting(100, at_least(0))
+    keep: int = setting(3, at_least(1))  # newest checkpoints kept
+    # also keep every checkpoint whose step divides by this, forever (0: none)
+    keep_every: int = setting(0, at_least(0))
+    # start a new run from the params of another run's checkpoint
+    init_from: str | None = setting(None, NonEmpty())
     async_save: bool = True  # write in the background while training goes on
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    init_timeout: int = 120  # seconds to wait for every process to join
-    heartbeat_timeout: int = 100  # seconds without a heartbeat before the others give up
+    init_timeout: int = setting(120, at_least(1))  # seconds to wait for every process to join
+    # seconds without a heartbeat before the others give up
+    heartbeat_timeout: int = setting(100, at_least(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +170,19 @@ class BackendConfig:
 class DebugConfig:
     """Test hooks: ways to make a run fail on purpose."""
 
-    nan_at_step: int | None = None  # poison the batch that step N of the run would consume
-    nan_steps: int = 1  # ... and this many batches after it
+    # poison the batch that step N of the run would consume
+    nan_at_step: int | None = setting(None, at_least(1))
+    nan_steps: int = setting(1, at_least(1))  # ... and this many batches after it
 
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-    every: int = 10  # plain log lines (when not on a terminal) every this many steps
+    # plain log lines (when not on a terminal) every this many steps
+    every: int = setting(10, at_least(1))
     tensorboard: bool = True
     energy: bool = True  # sample device power (NVML, rocm-smi, RAPL) where it can be read
-    carbon_intensity: float | None = None  # kg CO2 per kWh of the site's electricity: logs co2_kg
+    # kg CO2 per kWh of the site's electricity: logs co2_kg
+    carbon_intensity: float | None = setting(None, non_negative())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,24 +195,20 @@ class Config:
     log: LogConfig = LogConfig()
     backend: BackendConfig = BackendConfig()
     debug: DebugConfig = DebugConfig()
-    mesh: str = "dp=-1"  # a mesh spec ("dp=2,tp=4") or the name of a preset in meshes/
+    # a mesh spec ("dp=2,tp=4") or the name of a preset in meshes/
+    mesh: str = setting("dp=-1", NonEmpty())
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How `python -m jaxlm.generate` draws tokens (jaxlm/generation.py)."""
 
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 0  # 0: no limit
-    top_p: float = 1.0  # 1: no limit
+    temperature: float = setting(0.8, non_negative())  # 0: greedy
+    top_k: int = setting(0, at_least(0))  # 0: no limit
+    top_p: float = setting(1.0, Range(low=0, high=1, low_open=True))  # 1: no limit
 
     def check(self) -> None:
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"--top-k must be 0 (off) or more, not {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}")
+        check_fields(self, flags=True)  # as the flags of generate
 
 
 # --- presets -----------------------------------------------------------------------------------
@@ -229,19 +265,8 @@ def load(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Con
 
 def validate(cfg: Config) -> Config:
     """Checks that need only the config (the mesh-dependent ones live in jaxlm/sharding.py)."""
+    check_fields(cfg)
     m, t = cfg.model, cfg.train
-    for key, value in [
-        ("model.vocab_size", m.vocab_size),
-        ("model.d_model", m.d_model),
-        ("model.n_layers", m.n_layers),
-        ("model.n_heads", m.n_heads),
-        ("model.d_ff", m.d_ff),
-        ("train.steps", t.steps),
-        ("train.global_batch_size", t.global_batch_size),
-        ("train.seq_len", t.seq_len),
-    ]:
-        if value < 1:
-            raise UsageError(f"{key} must be at least 1, not {value}")
     if m.head_dim is None and m.d_model % m.n_heads:
         raise UsageError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
@@ -251,18 +276,10 @@ def validate(cfg: Config) -> Config:
         raise UsageError(f"model.n_kv_heads={m.kv_heads} must divide model.n_heads={m.n_heads}")
     if m.positions == "rope" and m.dim_per_head % 2:
         raise UsageError(f"rotary positions need an even head dimension, not {m.dim_per_head}")
-    if t.time_limit is not None:
-        parse_duration(t.time_limit)
-    if t.peak_tflops is not None and t.peak_tflops <= 0:
-        raise UsageError(f"train.peak_tflops must be positive, not {t.peak_tflops}")
-    if cfg.log.carbon_intensity is not None and cfg.log.carbon_intensity < 0:
+    if t.seq_len > m.max_seq_len:  # rotary positions too: beyond it the model never trained
         raise UsageError(
-            f"log.carbon_intensity must not be negative, not {cfg.log.carbon_intensity}"
-        )
-    if m.positions == "learned" and t.seq_len > m.max_seq_len:
-        raise UsageError(
-            f"train.seq_len={t.seq_len} is longer than the learned position table "
-            f"(model.max_seq_len={m.max_seq_len})"
+            f"train.seq_len={t.seq_len} is longer than the model's context "
+            f"(model.max_seq_len={m.max_seq_len}): raise model.max_seq_len or shorten the sequence"
         )
     return cfg
 
@@ -378,13 +395,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str, from_text: bool)
 
 def parse_duration(text: str) -> float:
     """'HH:MM:SS', 'MM:SS' or plain seconds -> seconds."""
-    try:
-        parts = [float(p) for p in str(text).split(":")]
-    except ValueError:
-        parts = []
-    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts):
+    seconds = domain.parse_duration(text)
+    if seconds is None:
         raise UsageError(f"train.time_limit must be seconds or HH:MM:SS, not '{text}'")
-    seconds = 0.0
-    for p in parts:
-        seconds = seconds * 60 + p
     return seconds

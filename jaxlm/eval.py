@@ -44,7 +44,7 @@ def parse_args(argv):
         metavar="DIR",
         help="a prepared directory whose validation split to use (default: the run's data.source)",
     )
-    p.add_argument("--batches", type=int, help="evaluate only the first N batches")
+    p.add_argument("--batches", type=cli.COUNT, help="evaluate only the first N batches")
     p.add_argument("--step", type=int, help="the checkpoint to use (default: the newest)")
     p.add_argument("--mesh", default="dp=-1", help="mesh spec or preset (default dp=-1); no pp")
     p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the JSON here")

@@ -32,7 +32,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.generate", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=pathlib.Path, required=True, metavar="RUN_DIR")
     p.add_argument("--prompt", required=True, metavar="TEXT")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=cli.COUNT, default=64)
     p.add_argument(
         "--temperature",
         type=float,

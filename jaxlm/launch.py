@@ -19,7 +19,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.launch", description=__doc__.split("\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
     local = commands.add_parser("local", help="N processes on this machine")
-    local.add_argument("-n", "--processes", type=int, default=2)
+    local.add_argument("-n", "--processes", type=cli.COUNT, default=2)
     local.add_argument(
         "--cpu-devices",
         type=int,

@@ -33,6 +33,7 @@ import jax
 from jaxlm import cli
 from jaxlm import mesh as mesh_lib
 from jaxlm.cost import DEFAULT_MFU, hardware, plan
+from jaxlm.domain import Range, positive
 from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
@@ -42,10 +43,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.plan", description=__doc__.split("\n")[0])
     cli.add_config_args(p, mesh_required=True)
     cli.add_target_args(p)
-    p.add_argument("--tokens", type=float, help="training tokens (default 20 per parameter)")
+    p.add_argument(
+        "--tokens",
+        type=cli.in_domain(float, positive()),
+        help="training tokens (default 20 per parameter)",
+    )
     p.add_argument(
         "--mfu",
-        type=float,
+        type=cli.in_domain(float, Range(low=0, high=1, low_open=True)),
         default=DEFAULT_MFU,
         help=f"MFU assumed for the days to train (default {DEFAULT_MFU})",
     )

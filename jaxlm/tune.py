@@ -19,6 +19,7 @@ import jax
 
 from jaxlm import cli, cost
 from jaxlm.cost import hardware, search
+from jaxlm.domain import positive
 from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
@@ -28,9 +29,15 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.tune", description=__doc__.split("\n")[0])
     cli.add_config_args(p, mesh=False)
     cli.add_target_args(p)
-    p.add_argument("--device-memory", type=float, help="GB per device (default: the device kind's)")
-    p.add_argument("--max-trials", type=int, default=12, help="layouts compiled (default 12)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per layout when measuring")
+    p.add_argument(
+        "--device-memory",
+        type=cli.in_domain(float, positive()),
+        help="GB per device (default: the device kind's)",
+    )
+    p.add_argument("--max-trials", type=cli.COUNT, default=12, help="layouts compiled (default 12)")
+    p.add_argument(
+        "--steps", type=cli.COUNT, default=5, help="timed steps per layout when measuring"
+    )
     p.add_argument(
         "--measure", action="store_true", help="time steps on this machine's devices even on CPU"
     )

@@ -1,6 +1,7 @@
 """`python -m jaxlm.train` as a user runs it: outputs on success, one sentence and exit 2 on
 every mistake a user can make."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -116,3 +117,34 @@ def test_a_stop_with_a_checkpoint_creates_the_launchers_marker(tmp_path, monkeyp
         raise Preempted("stopped by SIGUSR1")
 
     assert run_command(preempted) == EXIT_PREEMPTED and marker.exists()
+
+
+@pytest.mark.parametrize(
+    "command, argv, sentence",
+    [
+        (
+            "plan",
+            ["--mesh", "dp=1", "--mfu", "-0.4"],
+            "argument --mfu: must be in (0, 1], not -0.4",
+        ),
+        ("plan", ["--mesh", "dp=1", "--tokens=-1e9"], "argument --tokens: must be positive"),
+        ("plan", ["--mesh", "dp=1", "--devices", "0"], "argument --devices: must be at least 1"),
+        ("bench", ["--mesh", "dp=1", "--steps", "0"], "argument --steps: must be at least 1"),
+        ("bench", ["--mesh", "dp=1", "--warmup", "-1"], "argument --warmup: must be at least 0"),
+        ("tune", ["--max-trials", "0"], "argument --max-trials: must be at least 1, not 0"),
+        ("train", ["--cpu-devices", "0"], "argument --cpu-devices: must be at least 1, not 0"),
+        ("train", ["--cpu-devices", "two"], "argument --cpu-devices: must be int, not 'two'"),
+        ("eval", ["--run", "r", "--batches", "0"], "argument --batches: must be at least 1"),
+        (
+            "generate",
+            ["--run", "r", "--prompt", "a", "--max-new-tokens", "0"],
+            "argument --max-new-tokens: must be at least 1, not 0",
+        ),
+    ],
+)
+def test_a_flag_outside_its_domain_exits_2_naming_it(command, argv, sentence, capsys):
+    module = importlib.import_module(f"jaxlm.{command}")
+    with pytest.raises(SystemExit) as exited:
+        module.parse_args(argv)
+    assert exited.value.code == 2
+    assert sentence in capsys.readouterr().err

@@ -1,6 +1,12 @@
+import dataclasses
+import math
+import re
+import typing
+
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import domain
 from jaxlm.errors import UsageError
 
 
@@ -66,7 +72,7 @@ def test_unknown_preset_lists_the_known_ones():
         (["model.d_model=60"], "model.d_model=60 is not divisible by model.n_heads=8"),
         (
             ["model.positions=learned", "train.seq_len=512"],
-            "longer than the learned position table",
+            "longer than the model's context",
         ),
         (["model.head_dim=7"], "even head dimension"),
         (["train.steps=0"], "train.steps must be at least 1"),
@@ -75,3 +81,80 @@ def test_unknown_preset_lists_the_known_ones():
 def test_inconsistent_configs_are_refused(overrides, message):
     with pytest.raises(UsageError, match=message):
         config_lib.load("tiny", overrides)
+
+
+def _fields(cls, prefix=""):
+    """(dotted key, field, type) of every setting of a config dataclass, sections walked."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from _fields(hints[field.name], f"{key}.")
+        else:
+            yield key, field, hints[field.name]
+
+
+CONFIG_FIELDS = list(_fields(config_lib.Config))
+
+
+def test_every_setting_declares_the_values_it_accepts():
+    """A key added without a domain (and not a Literal or bool, whose type is its domain) fails
+    here, so no key can skip validation."""
+    undeclared = [
+        key
+        for key, field, annotation in [*CONFIG_FIELDS, *_fields(config_lib.Sampling, "--")]
+        if domain.domain_of(field) is None and not domain.type_is_domain(annotation)
+    ]
+    assert undeclared == []
+
+
+def _outside(field, annotation):
+    """Values the field must refuse: outside its domain, or outside its type."""
+    declared = domain.domain_of(field)
+    if declared is not None:
+        return declared.outside()
+    return ["maybe"]  # a Literal's or a bool's
+
+
+@pytest.mark.parametrize(
+    "key, field, annotation", CONFIG_FIELDS, ids=[k for k, *_ in CONFIG_FIELDS]
+)
+def test_an_out_of_domain_value_of_every_setting_is_refused_naming_the_key(key, field, annotation):
+    values = _outside(field, annotation)
+    assert values, f"{key}: no value outside its domain to try"
+    for value in values:
+        text = "nan" if isinstance(value, float) and math.isnan(value) else str(value)
+        with pytest.raises(UsageError) as refused:
+            config_lib.load("tiny", [f"{key}={text}"])
+        sentence = str(refused.value)
+        assert key in sentence and "\n" not in sentence, sentence
+        # the same value from a YAML preset is refused as well
+        section, _, leaf = key.rpartition(".")
+        nested = {section: {leaf: value}} if section else {leaf: value}
+        with pytest.raises(UsageError, match=re.escape(key)):
+            config_lib.validate(config_lib.merge(config_lib.Config(), nested, source="a test"))
+
+
+@pytest.mark.parametrize(
+    "override, sentence",
+    [
+        ("train.lr=-1e-3", "train.lr must be positive, not -0.001"),
+        ("train.lr=nan", "train.lr must be positive, not nan"),
+        ("train.beta2=1", "train.beta2 must be in [0, 1), not 1.0"),
+        ("train.adam_eps=-1e-8", "train.adam_eps must be positive"),
+        ("train.grad_clip=-1", "train.grad_clip must be at least 0"),
+        ("model.n_kv_heads=0", "model.n_kv_heads must be none or at least 1, not 0"),
+        ("model.head_dim=0", "model.head_dim must be none or at least 1, not 0"),
+        ("train.micro_batch_size=0", "train.micro_batch_size must be none or at least 1"),
+        ("checkpoint.keep=0", "checkpoint.keep must be at least 1, not 0"),
+        ("log.every=0", "log.every must be at least 1, not 0"),
+        ("train.seq_len=4096", "longer than the model's context (model.max_seq_len=256)"),
+        (
+            "train.time_limit=soon",
+            "train.time_limit must be none or seconds or HH:MM:SS, not 'soon'",
+        ),
+    ],
+)
+def test_the_refusal_is_one_sentence_with_key_value_and_domain(override, sentence):
+    with pytest.raises(UsageError, match=re.escape(sentence)):
+        config_lib.load("tiny", [override])

@@ -240,9 +240,9 @@ def test_a_prompt_longer_than_the_context_exits_2(run):
 @pytest.mark.parametrize(
     "sampling, sentence",
     [
-        (Sampling(temperature=-1), "--temperature must be 0 (greedy) or more"),
-        (Sampling(top_k=-2), "--top-k must be 0 (off) or more"),
-        (Sampling(top_p=0), "--top-p must be in (0, 1]"),
+        (Sampling(temperature=-1), "--temperature must be at least 0, not -1"),
+        (Sampling(top_k=-2), "--top-k must be at least 0, not -2"),
+        (Sampling(top_p=0), "--top-p must be in (0, 1], not 0"),
     ],
 )
 def test_bad_sampling_settings_are_refused(sampling, sentence):

@@ -35,7 +35,7 @@ def parse_args(argv):
 
     tok = commands.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer")
     inputs(tok)
-    tok.add_argument("--vocab-size", type=int, required=True)
+    tok.add_argument("--vocab-size", type=cli.COUNT, required=True)
     tok.add_argument("--out", type=pathlib.Path, required=True, metavar="FILE.model")
     tok.add_argument(
         "--max-sentences",
@@ -60,7 +60,7 @@ def parse_args(argv):
         default=prepare.SHARD_TOKENS,
         help="tokens per shard (a shard closes at the next document end)",
     )
-    prep.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
+    prep.add_argument("--workers", type=cli.COUNT, help="tokenizing processes (default: all cores)")
     return p.parse_args(argv)
 
 
