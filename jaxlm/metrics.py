@@ -54,7 +54,7 @@ class MetricsLog:
 
     def write(self, row: dict, *, prefix: str = "train") -> None:
         if self._file:
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
             self._file.flush()
         if self._writer:
             for key, value in row.items():
@@ -99,3 +99,12 @@ class ProgressReport:
     def close(self) -> None:
         if self._bar:
             self._bar.stop()
+
+
+def strict_json(row: dict) -> dict:
+    """The row with non-finite numbers as null: JSON has no NaN or Infinity, and jq, JavaScript's
+    JSON.parse and most loaders reject Python's bare `NaN`. A skipped step keeps its marker."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in row.items()
+    }

@@ -7,9 +7,10 @@
 `run` goes through:
 1. program: the layout checks, the model's shapes and every sharding (jaxlm/step.py);
 2. data: the source checked against the model, the training and validation batches;
-3. run directory: created (config.yaml written by process 0), per-process logs;
+3. run directory: created and checked writable, per-process logs;
 4. state: restored from the newest intact checkpoint, or initialised in its shards (with the
-   parameters of `checkpoint.init_from` if set);
+   parameters of `checkpoint.init_from` if set); only then config.yaml (by process 0), so a
+   refused restore leaves the run as it was;
 5. metrics and accounting: metrics.jsonl and TensorBoard (the rows after a resume dropped),
    MFU and energy;
 6. the loop (jaxlm/loop.py): steps, validation, checkpoints, stop requests, bad steps;
@@ -20,6 +21,7 @@ allocated. `python -m jaxlm.train` is a thin command over `run`.
 
 import contextlib
 import logging
+import os
 import pathlib
 
 import jax
@@ -59,7 +61,7 @@ def run(
     batches = loader.make_batches(cfg, program.batch_sharding, directory=directory)
     evaluator = Evaluator(cfg, program, directory)
     writer = jax.process_index() == 0  # writes metrics, TensorBoard and the config
-    out_dir = prepare_out_dir(out_dir, cfg, write_config=writer)  # 3
+    out_dir = prepare_out_dir(out_dir)  # 3
     if jax.process_count() > 1:
         distributed.log_to_file(out_dir)  # and only process 0 on the terminal
     log_start(cfg, mesh, program)
@@ -71,6 +73,8 @@ def run(
         return checkpoints.restore_latest(abstract_state(program), shapes)
 
     state, start = initial_state(cfg, program, batches, restore if checkpoints else None)
+    if out_dir and writer:  # only now: a refused restore must leave the run's config as it was
+        write_config(out_dir, cfg)
 
     rows = []
     with contextlib.ExitStack() as closing:  # 7, in the reverse order of opening
@@ -164,15 +168,22 @@ def log_start(cfg, mesh, program: Program) -> None:
         )
 
 
-def prepare_out_dir(out_dir: pathlib.Path | None, cfg, *, write_config: bool = True):
-    """The run directory, created, with the resolved config.yaml; None without one."""
+def prepare_out_dir(out_dir: pathlib.Path | None):
+    """The run directory, created; None without one."""
     if out_dir is None:
         return None
     out_dir = pathlib.Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if write_config:
-            (out_dir / "config.yaml").write_text(config_lib.dump(cfg))
     except OSError as e:
         raise UsageError(f"cannot write to the run directory {out_dir}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"cannot write to the run directory {out_dir}: permission denied")
     return out_dir
+
+
+def write_config(out_dir: pathlib.Path, cfg) -> None:
+    """The resolved config.yaml, written whole or not at all (a kill leaves the old one)."""
+    tmp = out_dir / "config.yaml.tmp"
+    tmp.write_text(config_lib.dump(cfg))
+    tmp.replace(out_dir / "config.yaml")

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -209,6 +210,39 @@ def test_bad_steps_in_a_row_roll_back_and_skip_the_data(tiny_cfg, tmp_path):
     steps = [r["step"] for r in train_rows(rows)]
     assert steps == list(range(1, 11)) + list(range(6, 17))  # steps 6.. again, on new data
     assert all(not r["skipped"] for r in train_rows(rows)[10:])
+    # metrics.jsonl is strict JSON: the bad steps' non-finite losses are null, still marked
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    written = [json.loads(line, parse_constant=_no_bare_constants) for line in lines]
+    bad_rows = [r for r in written if r.get("skipped")]
+    assert [r["step"] for r in bad_rows] == [8, 9, 10]
+    assert all(r["loss"] is None for r in bad_rows)
+    # TensorBoard holds the same numbers: the finite ones, and for a step run twice (6..10, after
+    # the rollback) the later, as TensorBoard itself drops the events a step going back replaces
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    final = {r["step"]: r for r in written if "loss" in r}
+    assert scalars["train/loss"] == pytest.approx(
+        {step: r["loss"] for step, r in final.items() if r["loss"] is not None}
+    )
+
+
+def _no_bare_constants(name):
+    raise AssertionError(f"metrics.jsonl holds a bare {name}, which is not JSON")
+
+
+def _tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the event files, later events replacing earlier ones."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecords: length (8 bytes), its CRC (4), the record, its CRC
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
 
 
 def test_a_loss_spike_is_skipped():
@@ -271,6 +305,7 @@ def test_a_checkpoint_of_another_model_exits_2_naming_the_parameters(tmp_path):
         ).returncode
         == 0
     )
+    before = _snapshot(tmp_path)
     result = subprocess.run(
         command(tmp_path, *args, "model.d_ff=256"),
         env=ENV,
@@ -281,6 +316,12 @@ def test_a_checkpoint_of_another_model_exits_2_naming_the_parameters(tmp_path):
     assert result.returncode == 2
     assert "is of a model with other shapes" in result.stderr
     assert "layers/mlp/up_proj [2, 64, 128] there, [2, 64, 256] here" in result.stderr
+    assert _snapshot(tmp_path) == before  # the refused run left config.yaml and all else as it was
+
+
+def _snapshot(directory):
+    """Every file under `directory` and its bytes."""
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_an_unwritable_run_directory_exits_2_before_training(tmp_path):
