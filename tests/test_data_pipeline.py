@@ -111,3 +111,19 @@ def test_too_little_data_for_one_batch_is_refused(directory):
 
     with pytest.raises(UsageError, match="fewer than one global batch"):
         source(directory, seq_len=4096, global_batch=512)
+
+
+def test_synthetic_validation_walks_the_training_chain_with_other_draws(tiny_cfg):
+    """Validation loss can only follow training's toward ln 4 if both walk one chain."""
+    from jaxlm.data import synthetic
+
+    cfg = tiny_cfg()
+    sharding = batch_sharding(mesh_lib.make_mesh("dp=8"))
+    train = next(iter(loader.make_batches(cfg, sharding)))
+    val = next(iter(loader.make_batches(cfg, sharding, split="val")))
+    table = np.asarray(synthetic.successors(cfg.train.seed, cfg.model.vocab_size))
+    for batch in (train, val):
+        inputs, targets = np.asarray(batch["inputs"]), np.asarray(batch["targets"])
+        allowed = (table[inputs] == targets[..., None]).any(-1)
+        assert allowed.all()  # every step of every walk is a step of the training chain
+    assert not np.array_equal(np.asarray(train["inputs"]), np.asarray(val["inputs"]))

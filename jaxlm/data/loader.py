@@ -34,9 +34,6 @@ class Batches(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
-_EVAL_SEED_OFFSET = 1 << 20  # synthetic "validation" walks: same chain, other draws
-
-
 def resolve_source(cfg: Config) -> pathlib.Path | None:
     """The prepared directory the config trains on (None for synthetic), checked against the
     model: its vocabulary must fit and, if `data.tokenizer` is set, its tokenizer must match."""
@@ -70,13 +67,13 @@ def make_batches(cfg: Config, sharding, *, split: str = "train", directory=None)
     """
     train = split == "train"
     if cfg.data.source == "synthetic":
-        seed = cfg.train.seed + (0 if train else _EVAL_SEED_OFFSET)
         return SyntheticBatches(
             batch_size=cfg.train.global_batch_size,
             seq_len=cfg.train.seq_len,
             vocab_size=cfg.model.vocab_size,
-            seed=seed,
+            seed=cfg.train.seed,
             sharding=sharding,
+            draws=0 if train else 1,  # validation: the training chain, other walks
         )
     directory = directory or resolve_source(cfg)
     source = PackedBatches(
