@@ -93,7 +93,7 @@ class TrainConfig:
     micro_batch_size: int | None = setting(None, at_least(1))
     seq_len: int = setting(128, at_least(1))
     zero1: bool = False  # shard only the optimizer state over data x fsdp (params replicated)
-    # pipeline microbatches per forward pass (None: = stages)
+    # pipeline microbatches per forward pass (None: the replica's micro batch, one sequence each)
     microbatches: int | None = setting(None, at_least(1))
     # > 1: circular pipeline, each stage holds this many layer groups
     pipeline_repeats: int = setting(1, at_least(1))

@@ -176,8 +176,7 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def pipeline_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int, int]:
     """(stages, repeats, microbatches) of the pipeline; (1, 1, 1) without one."""
-    t, stages = cfg.train, mesh.shape["pipeline"]
-    repeats, microbatches = t.pipeline_repeats, t.microbatches or stages
+    t, stages, repeats = cfg.train, mesh.shape["pipeline"], cfg.train.pipeline_repeats
     if stages == 1:
         if repeats > 1:
             raise UsageError("train.pipeline_repeats needs a pipeline: add pp=N to the mesh")
@@ -189,6 +188,15 @@ def pipeline_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int, int]:
             f"{repeats} repeats = {stages * repeats}"
         )
     micro, _ = batch_geometry(cfg, mesh)
+    if t.microbatches is None and micro < stages:
+        raise UsageError(
+            f"each data-parallel replica runs {micro} sequences per forward pass, fewer than the "
+            f"{stages} pipeline stages: raise train.global_batch_size or train.micro_batch_size "
+            f"to give every stage a sequence"
+        )
+    # Megatron's rule by default: one sequence per microbatch, the smallest bubble; the
+    # activations a stage keeps for the backward pass do not grow with M (jaxlm/cost/memory.py)
+    microbatches = t.microbatches or micro
     if microbatches < stages:
         raise UsageError(
             f"train.microbatches={microbatches} is fewer than the {stages} pipeline stages: "

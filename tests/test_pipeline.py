@@ -8,7 +8,7 @@ import pytest
 
 from conftest import train_rows
 from jaxlm import mesh as mesh_lib
-from jaxlm import training
+from jaxlm import sharding, training
 from jaxlm.data import loader
 from jaxlm.errors import UsageError
 from jaxlm.model.pipeline import PipelineSpec
@@ -153,6 +153,19 @@ def test_the_bubble_is_reported_at_start_and_in_every_row(tiny_cfg, caplog):
 
 
 @pytest.mark.parametrize(
+    "overrides, microbatches",
+    [
+        ([], 8),  # Megatron's rule: one sequence per microbatch (16 sequences over dp=2)
+        (["train.micro_batch_size=4"], 4),  # ... of the micro batch, with accumulation
+        (["train.microbatches=4"], 4),
+    ],
+)
+def test_pipeline_microbatches_default_to_one_sequence_each(tiny_cfg, overrides, microbatches):
+    cfg = tiny_cfg(*FOUR_LAYERS, *overrides)
+    assert sharding.pipeline_geometry(cfg, mesh("pp=4,dp=2")) == (4, 1, microbatches)
+
+
+@pytest.mark.parametrize(
     "spec, overrides, message",
     [
         (
@@ -176,6 +189,12 @@ def test_the_bubble_is_reported_at_start_and_in_every_row(tiny_cfg, caplog):
             "train.microbatches=3 does not divide the 16 sequences",
         ),
         ("dp=2", ["train.pipeline_repeats=2"], "train.pipeline_repeats needs a pipeline"),
+        (
+            "pp=4,dp=2",
+            ["model.n_layers=4", "train.global_batch_size=4"],
+            "each data-parallel replica runs 2 sequences per forward pass, fewer than the 4 "
+            "pipeline stages",
+        ),
     ],
 )
 def test_pipelines_that_do_not_fit_are_refused_with_the_numbers(tiny_cfg, spec, overrides, message):

@@ -50,9 +50,6 @@ class Layout:
         out = [f"mesh={self.mesh}", f"model.remat={self.remat}", f"train.zero1={self.zero1}"]
         if self.micro_batch:
             out.append(f"train.micro_batch_size={self.micro_batch}")
-        if self.sizes["pipeline"] > 1 and self.micro_batch:
-            # one sequence per pipeline microbatch: the most microbatches, the smallest bubble
-            out.append(f"train.microbatches={max(self.micro_batch, self.sizes['pipeline'])}")
         return out
 
     def command(self) -> str:
