@@ -12,7 +12,6 @@ benchmarks/results/); `--pytorch` takes the JSON that benchmarks/torch_reference
 the same shapes and adds `ratio_vs_pytorch`.
 """
 
-import argparse
 import json
 import logging
 import pathlib
@@ -27,7 +26,7 @@ log = logging.getLogger("jaxlm")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.bench", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m jaxlm.bench", description=__doc__.split("\n")[0])
     cli.add_config_args(p)
     p.add_argument("--steps", type=cli.COUNT, default=20, help="timed steps (default 20)")
     p.add_argument(

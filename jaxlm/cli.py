@@ -41,6 +41,28 @@ def log_to_stderr() -> None:
 # --- flags ---------------------------------------------------------------------------------------
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Ends each option's help with its default, unless the help already speaks of it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or _no_default(action) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _no_default(action: argparse.Action) -> bool:
+    """A flag whose absence means "not set" (None, a store_true's False); 0 is a default."""
+    return any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command's argument parser (subcommands' too): defaults shown in --help."""
+
+    def __init__(self, *args, formatter_class=DefaultsShown, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def in_domain(kind: type, domain: Range) -> Callable[[str], float]:
     """An argparse `type=` that parses `kind` and refuses values outside `domain`: argparse then
     exits 2 with one sentence naming the flag, before any work."""
@@ -86,6 +108,27 @@ def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> config_l
     mesh = getattr(args, "mesh", None)
     overrides = [*args.overrides, *([f"mesh={mesh}"] if mesh else []), *extra]
     return config_lib.load(args.config, overrides)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--run, --step and --mesh, as eval and generate take them: a trained run, served anew."""
+    p.add_argument(
+        "--run",
+        type=pathlib.Path,
+        required=True,
+        metavar="RUN_DIR",
+        help="a run directory of python -m jaxlm.train (its config.yaml and checkpoints)",
+    )
+    p.add_argument(
+        "--step",
+        type=in_domain(int, at_least(0)),
+        help="the checkpoint to use (default: the newest)",
+    )
+    p.add_argument(
+        "--mesh",
+        default="dp=-1",
+        help="mesh spec or preset to load the parameters on, e.g. tp=2 (no pp)",
+    )
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:

@@ -242,7 +242,14 @@ def read_preset(kind: str, name_or_path: str) -> dict:
                 f"available: {', '.join(names)} (or give a path to a YAML file)"
             )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): save it "
+            f"as UTF-8"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
     if data is None:

@@ -21,7 +21,6 @@ positions 0 .. L-1, computed in float32 whatever the run trained in (override wi
 `train.global_batch_size=8`); shapes of the model must stay those of the checkpoint.
 """
 
-import argparse
 import json
 import logging
 import pathlib
@@ -36,8 +35,8 @@ log = logging.getLogger("jaxlm")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=pathlib.Path, required=True, metavar="RUN_DIR")
+    p = cli.Parser(prog="python -m jaxlm.eval", description=__doc__.split("\n")[0])
+    cli.add_run_args(p)
     p.add_argument(
         "--data",
         type=pathlib.Path,
@@ -45,8 +44,6 @@ def parse_args(argv):
         help="a prepared directory whose validation split to use (default: the run's data.source)",
     )
     p.add_argument("--batches", type=cli.COUNT, help="evaluate only the first N batches")
-    p.add_argument("--step", type=int, help="the checkpoint to use (default: the newest)")
-    p.add_argument("--mesh", default="dp=-1", help="mesh spec or preset (default dp=-1); no pp")
     p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the JSON here")
     p.add_argument(
         "--tokens",
@@ -61,7 +58,12 @@ def parse_args(argv):
         help="where --tokens' float32 logits [batch, length, vocab] go",
     )
     cli.add_cpu_devices(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="changes to the run's config for evaluating, e.g. train.eval_batches=4",
+    )
     return p.parse_intermixed_args(argv)
 
 

@@ -18,34 +18,37 @@ splits heads and the MLP, fsdp gathers each layer's weights as it runs); the cac
 batch does not divide (a single prompt on dp=2). Meshes with a pipeline axis are refused.
 """
 
-import argparse
 import pathlib
 import sys
 
 from jaxlm import cli
 from jaxlm.config import Sampling
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.domain import at_least
 from jaxlm.errors import UsageError
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=pathlib.Path, required=True, metavar="RUN_DIR")
-    p.add_argument("--prompt", required=True, metavar="TEXT")
-    p.add_argument("--max-new-tokens", type=cli.COUNT, default=64)
+    p = cli.Parser(prog="python -m jaxlm.generate", description=__doc__.split("\n")[0])
+    cli.add_run_args(p)
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    p.add_argument(
+        "--max-new-tokens", type=cli.COUNT, default=64, help="tokens to generate after the prompt"
+    )
     p.add_argument(
         "--temperature",
         type=float,
         default=Sampling.temperature,
         help="0: greedy (default %(default)s)",
     )
-    p.add_argument("--top-k", type=int, default=Sampling.top_k, help="0: off (default)")
-    p.add_argument("--top-p", type=float, default=Sampling.top_p, help="1: off (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=Sampling.top_k, help="0: off")
+    p.add_argument("--top-p", type=float, default=Sampling.top_p, help="1: off")
     p.add_argument(
-        "--mesh", default="dp=-1", help="mesh spec or preset, e.g. tp=2 (default dp=-1); no pp"
+        "--seed",
+        type=cli.in_domain(int, at_least(0)),
+        default=0,
+        help="the sampler's random seed (the same seed, the same text)",
     )
-    p.add_argument("--step", type=int, help="the checkpoint to use (default: the newest)")
     p.add_argument(
         "--tokenizer",
         type=pathlib.Path,

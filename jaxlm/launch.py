@@ -16,10 +16,10 @@ from jaxlm import cli, launcher
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.launch", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m jaxlm.launch", description=__doc__.split("\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
     local = commands.add_parser("local", help="N processes on this machine")
-    local.add_argument("-n", "--processes", type=cli.COUNT, default=2)
+    local.add_argument("-n", "--processes", type=cli.COUNT, default=2, help="processes to start")
     local.add_argument(
         "--cpu-devices",
         type=int,

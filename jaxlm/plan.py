@@ -22,7 +22,6 @@ The figures come from jaxlm/cost/plan.py; this command parses and renders. It im
 starts no backend before it has set up the fake CPU devices.
 """
 
-import argparse
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ log = logging.getLogger("jaxlm")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.plan", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m jaxlm.plan", description=__doc__.split("\n")[0])
     cli.add_config_args(p, mesh_required=True)
     cli.add_target_args(p)
     p.add_argument(

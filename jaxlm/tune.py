@@ -10,7 +10,6 @@ XLA's figures: by timed steps on a GPU or TPU (or with `--measure`), else by the
 program's matmul FLOPs at the device's peak plus its collective bytes over the links.
 """
 
-import argparse
 import json
 import logging
 import sys
@@ -26,7 +25,7 @@ log = logging.getLogger("jaxlm")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.tune", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m jaxlm.tune", description=__doc__.split("\n")[0])
     cli.add_config_args(p, mesh=False)
     cli.add_target_args(p)
     p.add_argument(

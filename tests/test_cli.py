@@ -1,6 +1,7 @@
 """`python -m jaxlm.train` as a user runs it: outputs on success, one sentence and exit 2 on
 every mistake a user can make."""
 
+import argparse
 import importlib
 import json
 import os
@@ -148,3 +149,69 @@ def test_a_flag_outside_its_domain_exits_2_naming_it(command, argv, sentence, ca
         module.parse_args(argv)
     assert exited.value.code == 2
     assert sentence in capsys.readouterr().err
+
+
+COMMANDS = ["train", "eval", "generate", "plan", "tune", "bench", "launch", "data", "convert"]
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: carries the parser a command built."""
+
+
+def _parser_of(command, monkeypatch):
+    from jaxlm import cli
+
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(cli.Parser, "parse_known_args", capture)
+    with pytest.raises(_Parsed) as parsed:
+        module = f"jaxlm.{command}" + (".__main__" if command in ("data", "convert") else "")
+        importlib.import_module(module).parse_args([])
+    return parsed.value.args[0]
+
+
+def _options(parser):
+    """(parser, action) for every option and positional of `parser` and its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            yield parser, action
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_has_help_and_shows_its_default(command, monkeypatch):
+    from jaxlm import cli
+
+    missing = []
+    for parser, action in _options(_parser_of(command, monkeypatch)):
+        name = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+        formatter = parser._get_formatter()
+        formatter.add_argument(action)
+        shown = " ".join(formatter.format_help().split())
+        if not action.help:
+            missing.append(f"{name}: no help")
+        elif action.option_strings and not cli._no_default(action):
+            if str(action.default) not in shown:
+                missing.append(f"{name}: no default in '{shown}'")
+    assert not missing, "\n".join(missing)
+
+
+def test_print_config_prints_the_resolved_yaml_without_starting_jax(tmp_path):
+    program = (
+        "import sys\n"
+        "from jaxlm import train\n"
+        "code = train.main(['--config', 'tiny', '--print-config', 'train.steps=7', "
+        f"'--out', {str(tmp_path / 'run')!r}])\n"
+        "assert 'jax' not in sys.modules, 'JAX was imported'\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=ENV, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["steps"] == 7 and printed["model"]["d_model"] == 64
+    assert not (tmp_path / "run").exists()

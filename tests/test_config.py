@@ -66,6 +66,25 @@ def test_unknown_preset_lists_the_known_ones():
 
 
 @pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "train:\n  lr: 1.0e-3  # d\xe9faut\n".encode("latin-1"),
+            r"is not UTF-8 text \(byte 24 is 0xe9\)",
+        ),
+        (b"train: [steps\n", "is not valid YAML"),
+        (b"- 1\n- 2\n", "must hold a mapping of keys to values"),
+    ],
+)
+def test_a_config_file_that_cannot_be_read_is_refused_in_one_sentence(tmp_path, content, message):
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=message) as refusal:
+        config_lib.load(str(path))
+    assert "\n" not in str(refusal.value)
+
+
+@pytest.mark.parametrize(
     "overrides, message",
     [
         (["model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=8"),

@@ -10,15 +10,15 @@ it with `python -m jaxlm.train checkpoint.init_from=RUN_DIR`. to-hf writes confi
 weights and the SentencePiece tokenizer, for `AutoModelForCausalLM.from_pretrained(HF_DIR)`.
 """
 
-import argparse
 import pathlib
 import sys
 
 from jaxlm import cli
+from jaxlm.domain import at_least
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.convert", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m jaxlm.convert", description=__doc__.split("\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
     mesh_help = (
         "where the parameters live while they are converted: a mesh spec or preset "
@@ -26,14 +26,37 @@ def parse_args(argv):
     )
 
     into = commands.add_parser("from-hf", help="a Hugging Face directory -> a jaxlm run")
-    into.add_argument("hf_dir", type=pathlib.Path, metavar="HF_DIR")
-    into.add_argument("--out", type=pathlib.Path, required=True, metavar="RUN_DIR")
+    into.add_argument(
+        "hf_dir",
+        type=pathlib.Path,
+        metavar="HF_DIR",
+        help="a Hugging Face model directory: config.json and *.safetensors",
+    )
+    into.add_argument(
+        "--out",
+        type=pathlib.Path,
+        required=True,
+        metavar="RUN_DIR",
+        help="the run directory to create (config.yaml and a checkpoint of step 0)",
+    )
     into.add_argument("--mesh", default="fsdp=-1", help=mesh_help)
 
     out = commands.add_parser("to-hf", help="a jaxlm run -> a Hugging Face directory")
-    out.add_argument("run_dir", type=pathlib.Path, metavar="RUN_DIR")
-    out.add_argument("--out", type=pathlib.Path, required=True, metavar="HF_DIR")
-    out.add_argument("--step", type=int, help="the checkpoint to export (default: the newest)")
+    out.add_argument(
+        "run_dir", type=pathlib.Path, metavar="RUN_DIR", help="a run of python -m jaxlm.train"
+    )
+    out.add_argument(
+        "--out",
+        type=pathlib.Path,
+        required=True,
+        metavar="HF_DIR",
+        help="the Hugging Face directory to write: config.json and model.safetensors",
+    )
+    out.add_argument(
+        "--step",
+        type=cli.in_domain(int, at_least(0)),
+        help="the checkpoint to export (default: the newest)",
+    )
     out.add_argument("--mesh", default="fsdp=-1", help=mesh_help)
     out.add_argument(
         "--dtype",

@@ -8,19 +8,19 @@ Inputs are text files (one document each), directories (read recursively), globs
 `python -m jaxlm.train data.source=DIR`.
 """
 
-import argparse
 import logging
 import pathlib
 import sys
 
 from jaxlm import cli
 from jaxlm.data import corpus, prepare, tokenizer
+from jaxlm.domain import fraction
 
 log = logging.getLogger("jaxlm")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.data", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m jaxlm.data", description=__doc__.split("\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
 
     def inputs(sub):
@@ -35,28 +35,46 @@ def parse_args(argv):
 
     tok = commands.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer")
     inputs(tok)
-    tok.add_argument("--vocab-size", type=cli.COUNT, required=True)
-    tok.add_argument("--out", type=pathlib.Path, required=True, metavar="FILE.model")
+    tok.add_argument("--vocab-size", type=cli.COUNT, required=True, help="tokens in the vocabulary")
+    tok.add_argument(
+        "--out",
+        type=pathlib.Path,
+        required=True,
+        metavar="FILE.model",
+        help="the SentencePiece model to write (FILE.vocab goes beside it)",
+    )
     tok.add_argument(
         "--max-sentences",
-        type=int,
+        type=cli.COUNT,
         default=2_000_000,
         help="train on a sample of at most this many text chunks",
     )
 
     prep = commands.add_parser("prepare", help="tokenize documents into shards")
     inputs(prep)
-    prep.add_argument("--tokenizer", type=pathlib.Path, required=True, metavar="FILE.model")
-    prep.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR")
+    prep.add_argument(
+        "--tokenizer",
+        type=pathlib.Path,
+        required=True,
+        metavar="FILE.model",
+        help="the SentencePiece model to tokenize with (python -m jaxlm.data tokenizer)",
+    )
+    prep.add_argument(
+        "--out",
+        type=pathlib.Path,
+        required=True,
+        metavar="DIR",
+        help="the prepared directory to write: shards, index and manifest (data.source=DIR)",
+    )
     prep.add_argument(
         "--val-fraction",
-        type=float,
+        type=cli.in_domain(float, fraction(high_open=True)),
         default=0.01,
         help="share of documents held out for validation (default 0.01)",
     )
     prep.add_argument(
         "--shard-tokens",
-        type=int,
+        type=cli.COUNT,
         default=prepare.SHARD_TOKENS,
         help="tokens per shard (a shard closes at the next document end)",
     )
