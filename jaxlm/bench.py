@@ -20,7 +20,6 @@ import sys
 
 from jaxlm import backend, cli
 from jaxlm.domain import at_least
-from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
 
@@ -41,10 +40,7 @@ def parse_args(argv):
         type=pathlib.Path,
         help="JSON printed by benchmarks/torch_reference.py, for the ratio",
     )
-    args = p.parse_intermixed_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be at least 1 and --warmup at least 0")
-    return args
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -52,11 +48,14 @@ def main(argv=None) -> int:
 
     def body():
         cfg = cli.load_config(args, ["data.source=synthetic"])
-        if args.pytorch and not args.pytorch.exists():
-            raise UsageError(f"no PyTorch result at {args.pytorch}")
+        cli.check_writable(args.out, "--out")
         backend.apply(cfg.backend.xla_flags)
         from jaxlm import mesh as mesh_lib
         from jaxlm.cost import benchmark
+
+        if args.out:
+            benchmark.read_rows(args.out)  # a file that is not a results list: refused now
+        pytorch = benchmark.read_pytorch_result(args.pytorch) if args.pytorch else None
 
         mesh = mesh_lib.make_mesh(cfg.mesh)
         command = "python -m jaxlm.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -67,9 +66,8 @@ def main(argv=None) -> int:
             warmup=args.warmup,
             name=pathlib.Path(args.config or "default").stem,
             command=command,
+            pytorch=pytorch,
         )
-        if args.pytorch:
-            benchmark.add_pytorch_ratio(row, args.pytorch)
         mfu = f"{100 * row['mfu']:.1f} %" if row["mfu"] is not None else "n/a"
         ratio = f" | {row['ratio_vs_pytorch']:.2f} x PyTorch" if row["ratio_vs_pytorch"] else ""
         log.info(

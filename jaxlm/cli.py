@@ -185,6 +185,30 @@ def use_fake_cpu_devices(n: int) -> None:
             ) from None
 
 
+# --- outputs -------------------------------------------------------------------------------------
+
+
+def check_writable(path: pathlib.Path | None, what: str, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written when the work is done: a
+    file where a directory is meant or the other way round, a parent that is a file, or no
+    permission. Creates nothing (a refused command writes nothing)."""
+    if path is None:
+        return
+    path = pathlib.Path(path)
+    if path.exists() and path.is_dir() != directory:
+        kind = "a directory" if path.is_dir() else "a file"
+        raise UsageError(f"cannot write {what} {path}: it is {kind}")
+    # files are written beside themselves and renamed into place: their directory must take
+    # new entries, as must the nearest existing ancestor of anything still to be created
+    target = path if path.exists() and directory else path.parent
+    while not target.exists():
+        target = target.parent
+    if not target.is_dir():
+        raise UsageError(f"cannot write {what} {path}: {target} is a file, not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {what} {path}: permission denied")
+
+
 # --- running -------------------------------------------------------------------------------------
 
 

@@ -67,12 +67,31 @@ def parse_args(argv):
     return p.parse_intermixed_args(argv)
 
 
+def same_tokenizer(run) -> list[str]:
+    """Overrides that make --data refuse shards another tokenizer made than the run's own (a
+    loss on text cut into other tokens means nothing); none if the run's cannot be found."""
+    from jaxlm import runs
+
+    if run.cfg.data.source == "synthetic":
+        raise UsageError(
+            f"{run.directory} was trained on synthetic data, which no tokenizer made: its loss "
+            f"on --data would mean nothing"
+        )
+    path = run.cfg.data.tokenizer or runs.tokenizer_path(run)
+    if path is None:
+        log.warning("the run's tokenizer cannot be found: --data is not checked against it")
+        return []
+    return [f"data.tokenizer={path}"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
         if (args.tokens is None) != (args.logits_out is None):
             raise UsageError("--tokens and --logits-out go together")
+        cli.check_writable(args.json, "--json")
+        cli.check_writable(args.logits_out, "--logits-out")
         cli.use_cpu_devices(args.cpu_devices)
         from jaxlm import evaluation, runs  # JAX: imported once the device count is set
         from jaxlm import mesh as mesh_lib
@@ -83,7 +102,7 @@ def main(argv=None) -> int:
         if args.tokens is not None:
             overrides.insert(0, "model.compute_dtype=float32")  # the parity tool's default
         if args.data is not None:
-            overrides.append(f"data.source={args.data}")
+            overrides += [f"data.source={args.data}", *same_tokenizer(run)]
         run = runs.with_overrides(run, overrides)
         if args.tokens is not None:
             try:

@@ -93,7 +93,7 @@ def test_bench_writes_result_rows_with_the_ratio_to_pytorch(tmp_path):
     torch_json = tmp_path / "torch.json"
     torch_json.write_text(reference.stdout.strip().splitlines()[-1])
     results = tmp_path / "results" / "cpu.json"
-    for _ in range(2):  # appends
+    for warmup in ("1", "0"):  # appends; no warm-up times the first call as it is
         out = run(
             "-m",
             "jaxlm.bench",
@@ -104,7 +104,7 @@ def test_bench_writes_result_rows_with_the_ratio_to_pytorch(tmp_path):
             "--steps",
             "2",
             "--warmup",
-            "1",
+            warmup,
             "--pytorch",
             str(torch_json),
             "--out",
@@ -141,6 +141,7 @@ def test_bench_refuses_a_pytorch_result_of_another_model(tmp_path):
         str(other),
     )
     assert out.returncode == 2 and "not the same model" in out.stderr
+    assert "compiled" not in out.stdout  # refused before compiling
 
 
 @pytest.mark.slow

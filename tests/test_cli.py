@@ -215,3 +215,52 @@ def test_print_config_prints_the_resolved_yaml_without_starting_jax(tmp_path):
     printed = yaml.safe_load(result.stdout)
     assert printed["train"]["steps"] == 7 and printed["model"]["d_model"] == 64
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "command, argv, sentence",
+    [
+        ("bench", ["--config", "tiny", "--mesh", "dp=1", "--out", "{blocked}/r.json"], None),
+        ("bench", ["--config", "tiny", "--mesh", "dp=1", "--out", "{listless}"], "no results list"),
+        (
+            "data",
+            ["tokenizer", "--input", "{text}", "--vocab-size", "64", "--out", "{blocked}/t.model"],
+            None,
+        ),
+        (
+            "data",
+            ["prepare", "--input", "{text}", "--tokenizer", "t.model", "--out", "{blocked}/d"],
+            None,
+        ),
+        (
+            "data",
+            ["prepare", "--input", "{text}", "--tokenizer", "t.model", "--out", "{text}"],
+            "it is a file",
+        ),
+        ("eval", ["--run", "r", "--json", "{blocked}/e.json"], None),
+        ("eval", ["--run", "r", "--tokens", "{text}", "--logits-out", "{blocked}/l.npy"], None),
+        ("convert", ["from-hf", "hf", "--out", "{blocked}/run"], None),
+        ("convert", ["to-hf", "r", "--out", "{text}"], "it is a file"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    command, argv, sentence, tmp_path, capsys
+):
+    """Each command checks its outputs first: the work would otherwise be done, then lost."""
+    blocked = tmp_path / "a-file"  # a path under a file cannot be created, even by root
+    blocked.write_text("")
+    (tmp_path / "listless.json").write_text("{}")
+    (tmp_path / "text.txt").write_text("print('hello')\n")
+    names = {
+        "blocked": blocked,
+        "listless": tmp_path / "listless.json",
+        "text": tmp_path / "text.txt",
+    }
+    argv = [a.format(**names) for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    module = f"jaxlm.{command}" + (".__main__" if command in ("data", "convert") else "")
+    assert importlib.import_module(module).main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") or sentence in err, err
+    assert sentence is None or sentence in err
+    assert len(err.strip().splitlines()) == 1 and sorted(tmp_path.rglob("*")) == before

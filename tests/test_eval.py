@@ -107,6 +107,16 @@ def test_the_whole_split_by_default_and_another_data_directory(trained):
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["data"] == str(other) and row["loss"] == pytest.approx(first["loss"], rel=1e-5)
 
+    # ... but not one another tokenizer made: the loss of text cut into other tokens means nothing
+    foreign = out.parent / "foreign-data"
+    shutil.copytree(directory, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    result = eval_cli("--run", out, "--data", foreign, "--batches", 1)
+    assert result.returncode == 2, result.stderr
+    assert f"{foreign} was made with tokenizer 000000000000" in result.stderr
+
 
 def test_a_circular_pipeline_checkpoint_is_read_as_one_stack_of_layers(tiny_cfg, tmp_path):
     """Under `train.pipeline_repeats=R` the layers are stored as [R, L / R, ...], the values of
@@ -216,3 +226,8 @@ def test_a_run_without_prepared_data_needs_data(tiny_cfg, tmp_path):
     from_hf.write_run(tmp_path / "run", cfg, params, mesh_lib.make_mesh("dp=8"))
     with pytest.raises(UsageError, match="has no prepared data to evaluate on: pass --data"):
         evaluation.evaluate(runs.open_run(tmp_path / "run"), mesh_lib.make_mesh("dp=8"))
+    # nor any tokenizer to check --data against: its loss there would mean nothing
+    from jaxlm import eval as eval_command
+
+    with pytest.raises(UsageError, match="was trained on synthetic data, which no tokenizer"):
+        eval_command.same_tokenizer(runs.open_run(tmp_path / "run"))

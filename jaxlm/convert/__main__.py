@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
+        cli.check_writable(args.out, "--out", directory=True)
         cli.use_cpu_devices(args.cpu_devices)
         if args.command == "from-hf":
             from jaxlm.convert import from_hf

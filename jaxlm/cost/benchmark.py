@@ -4,8 +4,8 @@
 then timed ones on synthetic batches (the data pipeline is benchmarked separately), and reports
 tokens/s per device, TFLOP/s per device and MFU (model FLOPs, jaxlm/cost/flops.py, against the
 device's peak, jaxlm/cost/hardware.py), the peak device memory, and the versions.
-`add_pytorch_ratio` compares it with the JSON benchmarks/torch_reference.py printed for the
-same shapes.
+With `pytorch` (the JSON benchmarks/torch_reference.py printed for the same shapes, checked
+before compiling) the row also holds the ratio to it.
 """
 
 import json
@@ -42,8 +42,13 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def benchmark(cfg, mesh, *, steps: int, warmup: int, name: str, command: str) -> dict:
+def benchmark(
+    cfg, mesh, *, steps: int, warmup: int, name: str, command: str, pytorch: dict | None = None
+) -> dict:
     program = build_program(cfg, mesh)
+    params = param_count(program.spec.shapes)
+    if pytorch:
+        _check_same_model(pytorch, seq_len=cfg.train.seq_len, params=params)
     compiled = compile_step(cfg, program)
     seconds = measured_seconds(cfg, program, compiled.executable, steps, warmup)
     n = mesh.devices.size
@@ -62,7 +67,7 @@ def benchmark(cfg, mesh, *, steps: int, warmup: int, name: str, command: str) ->
         "remat": cfg.model.remat,
         "compute_dtype": cfg.model.compute_dtype,
         "attention": cfg.model.attention,
-        "params": param_count(program.spec.shapes),
+        "params": params,
         "model_flops_per_token": per_token,
         "step_s": seconds,
         "tokens_per_s_per_device": tokens_per_s_per_device,
@@ -74,29 +79,50 @@ def benchmark(cfg, mesh, *, steps: int, warmup: int, name: str, command: str) ->
         "xla_bytes_per_device": compiled.bytes_per_device,
         "compile_s": compiled.compile_s,
         "steps": steps,
-        "ratio_vs_pytorch": None,
+        **({"pytorch": pytorch} if pytorch else {}),
+        "ratio_vs_pytorch": (
+            tokens_per_s_per_device / pytorch["tokens_per_s_per_device"] if pytorch else None
+        ),
         "command": command,
         "versions": versions(),
     }
 
 
-def add_pytorch_ratio(row: dict, path: pathlib.Path) -> None:
+def read_pytorch_result(path: pathlib.Path) -> dict:
+    """The JSON object benchmarks/torch_reference.py printed, with its source for messages."""
     try:
         reference = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the PyTorch result {path}: {e}") from None
-    for key in ("seq_len", "params"):
-        if reference.get(key) != row[key]:
+    if not isinstance(reference, dict) or "tokens_per_s_per_device" not in reference:
+        raise UsageError(f"{path} is not a result of benchmarks/torch_reference.py")
+    return {**reference, "source": str(path)}
+
+
+def _check_same_model(reference: dict, **ours) -> None:
+    for key, value in ours.items():
+        if reference.get(key) != value:
             raise UsageError(
-                f"the PyTorch result {path} is for {key}={reference.get(key)}, "
-                f"this run has {row[key]}: not the same model"
+                f"the PyTorch result {reference['source']} is for {key}={reference.get(key)}, "
+                f"this run has {value}: not the same model"
             )
-    row["pytorch"] = reference
-    row["ratio_vs_pytorch"] = row["tokens_per_s_per_device"] / reference["tokens_per_s_per_device"]
+
+
+def read_rows(path: pathlib.Path) -> list:
+    """The results list in `path` (empty if there is none yet)."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the results file {path}: {e}") from None
+    if not isinstance(rows, list):
+        raise UsageError(f"{path} holds no results list: give --out a new file or a results list")
+    return rows
 
 
 def append_row(path: pathlib.Path, row: dict) -> None:
-    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = read_rows(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(rows + [row], indent=1) + "\n")

@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
+        cli.check_writable(args.out, "--out", directory=args.command == "prepare")
         inputs = corpus.resolve_inputs(args.input, args.jsonl_field)
         if args.command == "tokenizer":
             tokenizer.train(
