@@ -10,6 +10,7 @@ import logging
 import math
 import pathlib
 import sys
+import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -69,11 +70,18 @@ class MetricsLog:
 
 
 class ProgressReport:
-    """A live bar on a terminal, plain log lines every `every` steps otherwise."""
+    """A live bar on a terminal, plain log lines every `every` steps otherwise; both show the
+    loss, throughput, MFU (where the device's peak is known) and the time left.
+
+    While the bar is live, jaxlm's log lines (validation, checkpoints) go through the bar's
+    console, which prints them above the bar: written straight to the terminal they would
+    glue onto the bar's line.
+    """
 
     def __init__(self, total_steps: int, *, every: int, first_step: int = 0, live: bool = True):
         self.total, self.every = total_steps, max(every, 1)
-        self._bar = None
+        self._started = None  # (time, step) of the first step reported
+        self._bar, self._rerouted = None, []
         if live and sys.stdout.isatty():
             self._bar = Progress(
                 TextColumn("step"),
@@ -85,20 +93,54 @@ class ProgressReport:
             self._task = self._bar.add_task(
                 "train", total=total_steps, completed=first_step, status="compiling"
             )
-            self._bar.start()
+            self._bar.start()  # sys.stdout is now the bar's proxy, which prints above it
+            for handler in log.handlers:
+                stream = getattr(handler, "stream", None)
+                if isinstance(handler, logging.StreamHandler) and stream and stream.isatty():
+                    self._rerouted.append((handler, handler.setStream(sys.stdout)))
 
     def update(self, row: dict) -> None:
+        step = row["step"]
+        if self._started is None:  # timed from the end of the first step: compiling excluded
+            self._started = (time.monotonic(), step)
         status = f"loss {row['loss']:.4f} | {row['tokens_per_s']:,.0f} tok/s"
+        if row.get("mfu") is not None:
+            status += f" | MFU {100 * row['mfu']:.1f} %"
         if self._bar:
-            self._bar.update(self._task, completed=row["step"], status=status)
-        elif row["step"] % self.every == 0 or row["step"] in (1, self.total):
+            self._bar.update(self._task, completed=step, status=status)
+        elif step % self.every == 0 or step in (1, self.total):
             log.info(
-                "step %d/%d | %s | %.3f s/step", row["step"], self.total, status, row["step_time_s"]
+                "step %d/%d | %s | %.3f s/step | eta %s",
+                step,
+                self.total,
+                status,
+                row["step_time_s"],
+                self._eta(step, row["step_time_s"]),
             )
+
+    def _eta(self, step: int, step_time_s: float) -> str:
+        """The time to the last step at the pace since the first (validation and checkpoints
+        included), or at this step's pace before there is one."""
+        began, first = self._started
+        done = step - first
+        pace = (time.monotonic() - began) / done if done else step_time_s
+        return duration((self.total - step) * pace)
 
     def close(self) -> None:
         if self._bar:
             self._bar.stop()
+            for handler, stream in self._rerouted:
+                handler.setStream(stream)
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 4m05s, 12s."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def strict_json(row: dict) -> dict:
