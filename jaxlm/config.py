@@ -97,7 +97,8 @@ class TrainConfig:
     microbatches: int | None = setting(None, at_least(1))
     # > 1: circular pipeline, each stage holds this many layer groups
     pipeline_repeats: int = setting(1, at_least(1))
-    lr: float = setting(4e-3, positive())
+    # 0 is allowed: it freezes the weights (a run that only evaluates, or fine-tunes nothing)
+    lr: float = setting(4e-3, non_negative())
     min_lr_ratio: float = setting(0.1, fraction())  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = setting(30, at_least(0))
     # the schedule's length (None: train.steps); set it to stop early and extend a run later on

@@ -157,8 +157,8 @@ def test_an_out_of_domain_value_of_every_setting_is_refused_naming_the_key(key, 
 @pytest.mark.parametrize(
     "override, sentence",
     [
-        ("train.lr=-1e-3", "train.lr must be positive, not -0.001"),
-        ("train.lr=nan", "train.lr must be positive, not nan"),
+        ("train.lr=-1e-3", "train.lr must be at least 0, not -0.001"),
+        ("train.lr=nan", "train.lr must be at least 0, not nan"),
         ("train.beta2=1", "train.beta2 must be in [0, 1), not 1.0"),
         ("train.adam_eps=-1e-8", "train.adam_eps must be positive"),
         ("train.grad_clip=-1", "train.grad_clip must be at least 0"),
