@@ -258,6 +258,21 @@ def test_a_loss_spike_is_skipped():
     assert bad.in_a_row == 1 and 3.03 < bad.loss_limit() < 3.06  # spikes stay out of the window
 
 
+TEN_STEPS = ("train.steps=10", "checkpoint.every=5", "train.eval_every=0")
+
+
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory):
+    """A run of 10 steps with checkpoints of steps 5 and 10, for tests to copy and then damage
+    or resume otherwise."""
+    out = tmp_path_factory.mktemp("ten-steps")
+    first = subprocess.run(
+        command(out, *TEN_STEPS), env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert first.returncode == 0, first.stderr
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, reason",
@@ -274,15 +289,11 @@ def test_a_loss_spike_is_skipped():
         (lambda d: shutil.rmtree(d / "data"), "missing data"),
     ],
 )
-def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage, reason):
-    args = ("train.steps=10", "checkpoint.every=5", "train.eval_every=0")
-    first = subprocess.run(
-        command(tmp_path, *args), env=ENV, capture_output=True, text=True, timeout=300
-    )
-    assert first.returncode == 0, first.stderr
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(ten_steps, tmp_path, damage, reason):
+    shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
     damage(tmp_path / "checkpoints" / "10")
     result = subprocess.run(
-        command(tmp_path, "train.steps=12", *args[1:]),
+        command(tmp_path, "train.steps=12", *TEN_STEPS[1:]),
         env=ENV,
         capture_output=True,
         text=True,
@@ -297,17 +308,11 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage,
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_another_model_exits_2_naming_the_parameters(tmp_path):
-    args = ("train.steps=2", "train.eval_every=0")
-    assert (
-        subprocess.run(
-            command(tmp_path, *args), env=ENV, capture_output=True, timeout=300
-        ).returncode
-        == 0
-    )
+def test_a_checkpoint_of_another_model_exits_2_naming_the_parameters(ten_steps, tmp_path):
+    shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
     before = _snapshot(tmp_path)
     result = subprocess.run(
-        command(tmp_path, *args, "model.d_ff=256"),
+        command(tmp_path, *TEN_STEPS, "model.d_ff=256"),
         env=ENV,
         capture_output=True,
         text=True,
