@@ -16,7 +16,7 @@ class Terminal(io.StringIO):
         return True
 
 
-def terminal(monkeypatch) -> Terminal:
+def terminal(monkeypatch, request) -> Terminal:
     """What jaxlm's log lines and the bar write from now on, as a terminal would get it. Called
     in the test itself: pytest puts its own sys.stdout back between a fixture and the test."""
     out = Terminal()
@@ -24,7 +24,11 @@ def terminal(monkeypatch) -> Terminal:
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(message)s"))
     monkeypatch.setattr(log, "handlers", [handler])
-    monkeypatch.setattr(log, "level", logging.INFO)
+    # setLevel, not a patched attribute: the logger caches isEnabledFor, and an earlier test of
+    # the same worker may have filled that cache with "INFO is off"
+    level = log.level
+    log.setLevel(logging.INFO)
+    request.addfinalizer(lambda: log.setLevel(level))
     return out
 
 
@@ -32,8 +36,8 @@ def row(step: int) -> dict:
     return {"step": step, "loss": 5.0, "tokens_per_s": 1000.0, "step_time_s": 0.5, "mfu": 0.123}
 
 
-def test_the_plain_line_shows_loss_throughput_mfu_and_the_time_left(monkeypatch):
-    shown = terminal(monkeypatch)
+def test_the_plain_line_shows_loss_throughput_mfu_and_the_time_left(monkeypatch, request):
+    shown = terminal(monkeypatch, request)
     report = metrics.ProgressReport(10, every=5, live=False)  # a Slurm log, a pipe
     for step in range(1, 11):
         report.update(row(step))
@@ -46,8 +50,8 @@ def test_the_plain_line_shows_loss_throughput_mfu_and_the_time_left(monkeypatch)
     assert lines[-1].endswith("| eta 0s")
 
 
-def test_log_lines_print_above_the_live_bar_never_glued_to_it(monkeypatch):
-    shown = terminal(monkeypatch)
+def test_log_lines_print_above_the_live_bar_never_glued_to_it(monkeypatch, request):
+    shown = terminal(monkeypatch, request)
     report = metrics.ProgressReport(10, every=1, live=True)
     report.update(row(3))
     log.info("saved the checkpoint of step 3")
