@@ -39,16 +39,17 @@ jax.config.update("jax_num_cpu_devices", 8)
 from jaxlm import config as config_lib  # noqa: E402
 
 
+def tiny_config(*overrides: str) -> config_lib.Config:
+    """The tiny preset in float32 on synthetic data, so layouts can be compared to 1e-5."""
+    return config_lib.load(
+        "tiny", ["model.compute_dtype=float32", "data.source=synthetic", *overrides]
+    )
+
+
 @pytest.fixture
 def tiny_cfg():
-    """The tiny preset in float32 on synthetic data, so layouts can be compared to 1e-5."""
-
-    def make(*overrides: str) -> config_lib.Config:
-        return config_lib.load(
-            "tiny", ["model.compute_dtype=float32", "data.source=synthetic", *overrides]
-        )
-
-    return make
+    """`tiny_config`, for tests to take as a fixture (module fixtures import it)."""
+    return tiny_config
 
 
 def production_env(**changes: str) -> dict[str, str]:

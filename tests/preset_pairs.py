@@ -71,7 +71,11 @@ def main(compile: bool) -> None:
             cfg = config_lib.load(pair.config, [f"mesh={pair.mesh}", *pair.overrides])
             mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[: pair.devices])
             figures = plan.make_plan(cfg, mesh, device=hardware.lookup("h100"), compile=compile)
-            keys = ("mesh", "devices", "pipeline_bubble", "compile_s")
+            keys = (
+                *("mesh", "devices", "params_by_component", "flops_per_token", "days"),
+                "pipeline_bubble",
+                *("bytes_per_device", "compile_s", "xla_bytes_per_device"),
+            )
             result = {"plan": {k: figures[k] for k in keys if k in figures}}
         except UsageError as e:
             result = {"refused": str(e)}

@@ -61,8 +61,11 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
 MinJobAge=3600
-# A requeued job waits until its old credential expires (120 s by default): shorter for tests.
-AuthInfo=cred_expire=15
+# A requeued job waits until its old credential expires (120 s by default; 5 s at least).
+AuthInfo=cred_expire=5
+# The main scheduler runs every 60 s and backfill every 30 s by default: a requeued job whose
+# credential has expired would wait that long for a pass, idle. Every 2 s here.
+SchedulerParameters=sched_interval=2,bf_interval=2
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 """)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import train_rows
+from conftest import tiny_config, train_rows
 from jaxlm import checkpoint, sharding, training
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import EXIT_PREEMPTED
@@ -103,13 +103,28 @@ def test_kill_9_and_rerun_logs_the_same_losses_bit_for_bit(tmp_path):
     ]
 
 
+DP8_SCHEDULE = ("train.decay_steps=10", "checkpoint.every=3", "train.eval_every=0")
+
+
+@pytest.fixture(scope="module")
+def on_dp8(tmp_path_factory):
+    """10 steps on dp=8 uninterrupted (their rows), and a run of the first 6 saved (its dir)."""
+    dp8 = mesh_lib.make_mesh("dp=8")
+    uninterrupted = train_rows(training.run(tiny_config("train.steps=10", *DP8_SCHEDULE), dp8))
+    saved = tmp_path_factory.mktemp("dp8-six-steps")
+    training.run(tiny_config("train.steps=6", *DP8_SCHEDULE), dp8, saved)
+    return uninterrupted, saved
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spec, devices", [("fsdp=4,tp=2", 8), ("dp=2,tp=2", 4)])
-def test_save_on_dp8_restore_and_continue_on_another_mesh(tiny_cfg, tmp_path, spec, devices):
-    schedule = ("train.decay_steps=10", "checkpoint.every=3", "train.eval_every=0")
+def test_save_on_dp8_restore_and_continue_on_another_mesh(
+    tiny_cfg, tmp_path, on_dp8, spec, devices
+):
+    schedule = DP8_SCHEDULE
     dp8 = mesh_lib.make_mesh("dp=8")
-    uninterrupted = train_rows(training.run(tiny_cfg("train.steps=10", *schedule), dp8))
-    training.run(tiny_cfg("train.steps=6", *schedule), dp8, tmp_path)
+    uninterrupted, saved_run = on_dp8
+    shutil.copytree(saved_run, tmp_path, dirs_exist_ok=True)
 
     other = mesh_lib.make_mesh(spec, jax.devices()[:devices])
     cfg = tiny_cfg("train.steps=10", *schedule)

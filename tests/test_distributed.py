@@ -3,6 +3,7 @@ between process counts, and no hang when a peer dies."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,29 +74,49 @@ def one_process(tmp_path_factory):
     return rows(out)
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The same 12 steps launched as two processes of 4 devices each, saving every 3 steps."""
+    out = tmp_path_factory.mktemp("two")
+    result = launch(
+        2,
+        out,
+        *SCHEDULE,
+        "--mesh",
+        "dp=2,fsdp=2,tp=2",
+        "train.steps=12",
+        "checkpoint.every=3",
+        "checkpoint.keep=4",
+    )
+    return out, result
+
+
 @pytest.mark.slow
-def test_two_processes_train_exactly_like_one(tmp_path, one_process):
-    result = launch(2, tmp_path, *SCHEDULE, "--mesh", "dp=2,fsdp=2,tp=2", "train.steps=12")
+def test_two_processes_train_exactly_like_one(two_processes, one_process):
+    out, result = two_processes
     assert result.returncode == 0, result.stderr[-3000:]
-    two = rows(tmp_path)
+    two = rows(out)
     assert [r["step"] for r in two] == [r["step"] for r in one_process]
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(
             [r[key] for r in two if key in r], [r[key] for r in one_process if key in r], rtol=1e-5
         )
     for process in (0, 1):
-        assert (
-            f"process {process} of 2" in (tmp_path / "logs" / f"process-{process}.log").read_text()
-        )
+        assert f"process {process} of 2" in (out / "logs" / f"process-{process}.log").read_text()
     assert "process 1 of 2" not in result.stdout  # only process 0 talks on the terminal
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(tmp_path, one_process):
-    result = launch(
-        2, tmp_path, *SCHEDULE, "--mesh", "dp=2,fsdp=2,tp=2", "train.steps=6", "checkpoint.every=3"
-    )
+def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(
+    tmp_path, two_processes, one_process
+):
+    out, result = two_processes
     assert result.returncode == 0, result.stderr[-3000:]
+    # the two processes' run as it stood after step 6: its later checkpoints removed
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    for later in (9, 12):
+        shutil.rmtree(tmp_path / "checkpoints" / str(later))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
     cfg = config_lib.load(
         "tiny",
         [

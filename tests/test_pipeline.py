@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import train_rows
+from conftest import tiny_config, train_rows
 from jaxlm import mesh as mesh_lib
 from jaxlm import sharding, training
 from jaxlm.data import loader
@@ -32,12 +32,8 @@ def mesh(spec):
 
 
 @pytest.fixture(scope="module")
-def unpipelined(request):
-    from jaxlm import config as config_lib
-
-    cfg = config_lib.load(
-        "tiny", ["model.compute_dtype=float32", "data.source=synthetic", *FOUR_LAYERS]
-    )
+def unpipelined():
+    cfg = tiny_config(*FOUR_LAYERS)
     one = mesh("dp=1")
     losses = [r["loss"] for r in train_rows(training.run(cfg, one))]
     return losses, gradients(cfg, one)

@@ -52,4 +52,12 @@ def test_every_preset_pair_plans():
 def test_every_preset_pair_compiles_its_train_step():
     rows = _plan_every_pair("--compile")
     _assert_every_pair_planned(rows)
-    assert all(row["plan"]["compile_s"] > 0 for row in rows.values())
+    for name, row in rows.items():
+        figures = row["plan"]
+        assert set(figures["bytes_per_device"]) >= {"params", "grads", "optimizer", "activations"}
+        assert figures["xla_bytes_per_device"] > figures["bytes_per_device"]["params"], name
+        # at least 6 FLOPs per token for each weight a matmul uses (the head: the embedding if tied)
+        counts = figures["params_by_component"]
+        matmul = counts["attention"] + counts["mlp"] + (counts["head"] or counts["embedding"])
+        assert figures["flops_per_token"] >= 6 * matmul, name
+        assert figures["days"] > 0 and figures["compile_s"] > 0, name
