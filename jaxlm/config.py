@@ -46,7 +46,7 @@ class ModelConfig:
 
     The defaults are the small model that `python -m jaxlm.train` trains on the default corpus:
     2.1 M parameters whose validation loss falls from ln(4096) = 8.3 to about 4.8 in 300 steps,
-    under three minutes on two CPU cores.
+    in 3 to 7 minutes on two CPU cores.
     """
 
     vocab_size: int = setting(4096, at_least(1))
