@@ -89,6 +89,22 @@ def test_plan_compiles_a_large_model_on_fake_devices():
     assert figures["days"] > 0 and figures["compile_s"] > 0
 
 
+def test_plan_warns_when_the_arithmetic_and_xla_disagree_saying_which_it_trusts(monkeypatch):
+    cfg = config_lib.load("tiny", ["model.n_layers=4"])
+    m = mesh.make_mesh("pp=2,dp=4")
+
+    def disagreement(margin):
+        monkeypatch.setattr(plan, "MEMORY_MARGIN", margin)
+        figures = plan.make_plan(cfg, m, device=H100, compile=True)
+        apart = 1 - figures["bytes_per_device"]["total"] / figures["xla_bytes_per_device"]
+        return apart, [w for w in figures["warnings"] if "differ by" in w]
+
+    apart, warned = disagreement(0.25)
+    assert apart > 0.25 and len(warned) == 1, (apart, warned)
+    assert f"differ by {apart:.0%} of XLA's: the fit is judged by XLA's" in warned[0]
+    assert disagreement(apart + 0.01)[1] == []  # within the margin: no warning
+
+
 def test_plan_warns_by_the_rules_of_thumb():
     cfg = config_lib.load("tiny", ["train.microbatches=2"])
     figures = plan.make_plan(

@@ -25,6 +25,11 @@ FSDP_MIN_TOKENS = 2500  # per device per step: below this FSDP's collectives sho
 LARGE_BUBBLE = 0.2
 
 
+# The arithmetic's and XLA's bytes per device may differ by this share of XLA's before plan
+# warns: the arithmetic leaves out XLA's small buffers and its fusion choices.
+MEMORY_MARGIN = 0.25
+
+
 def layout_warnings(cfg, mesh, program, device, per_node: int, fits_bytes: int | None) -> list:
     """The rules of thumb of "How to Scale Your Model" (scaling-book), applied to this layout:
     tensor parallelism stays inside a node and at most 8-way; FSDP needs enough tokens per
@@ -123,6 +128,14 @@ def make_plan(
             compile_s=step.compile_s,
         )
         fits_bytes = step.bytes_per_device
+        apart = abs(step.bytes_per_device - state["total"]) / step.bytes_per_device
+        if apart > MEMORY_MARGIN:
+            warnings.append(
+                f"the arithmetic's {state['total'] / 1e9:.1f} GB per device and XLA's "
+                f"{step.bytes_per_device / 1e9:.1f} GB differ by {apart:.0%} of XLA's: the fit is "
+                f"judged by XLA's, the compiled program's own buffer assignment (the arithmetic "
+                f"estimates activations from the shapes alone, jaxlm/cost/memory.py)"
+            )
         if step.unknown_loops:
             warnings.append(
                 f"{step.unknown_loops} loops of the compiled step have no trip count XLA could "

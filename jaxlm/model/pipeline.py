@@ -19,6 +19,22 @@ Wave k = t − s is what stage s works on at iteration t: microbatch k mod M in 
 Stages whose wave is outside [0, R·M) compute on stale data that nothing reads. Stage 0 keeps
 two buffers, filled by the wrap-around: microbatches waiting for their next round, and finished
 ones. Embedding, final norm and head stay outside, on the whole batch.
+
+Memory (what autodiff of the scan keeps for the backward pass, read from the saved residuals
+and XLA's temporaries; benchmarks/pipeline_memory.py measures it):
+- per iteration, of which there are R·M + S − 1: what the recomputation policy saves for each
+  of the stage's L / (S·R) layers on one microbatch (`remat=full`: each layer's input, b × T × D
+  in the compute dtype), the stage-input mask of `receive` (b × T × D booleans) and the rotary
+  tables of the microbatch (b × T × head_dim float32);
+- once: the stage's weights. With R = 1 they are sliced statically, so the residuals that need
+  them are loop-invariant and autodiff keeps one copy. With R > 1 the round's slice depends on
+  the iteration, and one copy of the stage's weights is kept per iteration: the circular
+  schedule does not fit large models yet;
+- once: the microbatch inputs and the finished buffer, [M, b, T, D] on every stage, and their
+  cotangents;
+- outside the pipeline, the head and the loss on the whole batch (split over `pipeline` where
+  the batch divides): logits in the compute dtype, their float32 softmax and its gradient. For
+  small models this is the largest term, and it grows with M when the micro batch does.
 """
 
 import dataclasses
@@ -63,7 +79,12 @@ def run(layers: Callable, stacked, x_BxLxD, positions_BxL, segments_BxL, spec: P
     stage_params = jax.tree.map(lambda w: to_stages(w, spec), stacked)
 
     def run_stage(params, x, r, m):
-        group = jax.tree.map(lambda w: w[r], params)  # this round's layer group: a local slice
+        if R == 1:
+            # A static slice: the weights the backward pass needs are then loop-invariant, and
+            # autodiff of the scan keeps one copy of them instead of one per iteration.
+            group = jax.tree.map(lambda w: w[0], params)
+        else:  # this round's layer group: a local slice, but one that depends on the iteration
+            group = jax.tree.map(lambda w: w[r], params)
         seg = None if segments is None else segments[m]
         return layers(group, x, positions[m], seg)
 

@@ -1,0 +1,105 @@
+"""XLA's memory of the pipelined train step against the number of microbatches.
+
+    python benchmarks/pipeline_memory.py [--microbatches 8 16 32 64] [--json OUT.json]
+
+d_model 512, 8 layers, seq 512, pp=4 on 4 fake CPU devices, one sequence per microbatch (the
+global batch is M sequences), for `model.remat` full and none. For each M it compiles the
+train step (nothing runs) and prints XLA's temporaries per device next to the arithmetic's
+stage inputs (jaxlm/cost/memory.py), then the slope of a least-squares line through the
+temporaries: MB per microbatch. GPipe keeps, per stage and microbatch, what the recomputation
+policy saves for its L / S layers; with `remat=full` that is each layer's input, 2 layers x
+512 x 512 in bfloat16 = 1 MB here. Not a test: nothing asserts; the table goes to the notes.
+"""
+
+import argparse
+import json
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+from jaxlm import config as config_lib  # noqa: E402
+from jaxlm import mesh as mesh_lib  # noqa: E402
+from jaxlm.cost import compiled, memory  # noqa: E402
+from jaxlm.step import build_program  # noqa: E402
+
+MB = 1e6
+SHAPE = [
+    "model.d_model=512",
+    "model.n_layers=8",
+    "model.n_heads=8",
+    "model.d_ff=2048",
+    "train.seq_len=512",
+    "model.max_seq_len=512",
+    "data.source=synthetic",
+]
+
+
+def figures(microbatches: int, remat: str, mesh) -> dict:
+    cfg = config_lib.load(
+        None,
+        [
+            *SHAPE,
+            f"model.remat={remat}",
+            f"train.global_batch_size={microbatches}",
+            f"train.microbatches={microbatches}",
+        ],
+    )
+    program = build_program(cfg, mesh)
+    step = compiled.compile_step(cfg, program)
+    m = cfg.model
+    c = 4 if m.compute_dtype == "float32" else 2
+    # what GPipe must keep per stage and microbatch with full recomputation: each layer's input
+    stage_inputs = m.n_layers // program.stages.stages * cfg.train.seq_len * m.d_model * c
+    return {
+        "remat": remat,
+        "microbatches": microbatches,
+        "temp_mb": step.memory["temp"] / MB,
+        "arithmetic_activations_mb": memory.activation_bytes(cfg, program, mesh) / MB,
+        "stage_inputs_per_microbatch_mb": stage_inputs / MB,
+        "collective_mb": {k: v / MB for k, v in step.collective_bytes.items()},
+    }
+
+
+def slope(xs, ys) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--remat", nargs="+", default=["full", "none"])
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    mesh = mesh_lib.make_mesh("pp=4")
+    rows = []
+    for remat in args.remat:
+        print(f"remat={remat}")
+        print(f"{'M':>4} {'XLA temp MB':>12} {'arithmetic MB':>14} {'collectives MB':>40}")
+        these = []
+        for m in args.microbatches:
+            row = figures(m, remat, mesh)
+            these.append(row)
+            coll = ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["collective_mb"].items()))
+            print(
+                f"{m:>4} {row['temp_mb']:>12.1f} {row['arithmetic_activations_mb']:>14.1f} "
+                f"{coll:>40}",
+                flush=True,
+            )
+        per = slope([r["microbatches"] for r in these], [r["temp_mb"] for r in these])
+        need = these[0]["stage_inputs_per_microbatch_mb"]
+        print(
+            f"slope {per:.2f} MB per microbatch; stage inputs per microbatch {need:.2f} MB "
+            f"(ratio {per / need:.2f})\n"
+        )
+        rows += these
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
