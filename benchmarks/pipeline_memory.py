@@ -1,6 +1,7 @@
 """XLA's memory of the pipelined train step against the number of microbatches.
 
-    python benchmarks/pipeline_memory.py [--microbatches 8 16 32 64] [--json OUT.json]
+    python benchmarks/pipeline_memory.py [--microbatches 8 16 32 64] [--repeats 1 2]
+                                         [--remat full none] [--json OUT.json]
 
 d_model 512, 8 layers, seq 512, pp=4 on 4 fake CPU devices, one sequence per microbatch (the
 global batch is M sequences), for `model.remat` full and none. For each M it compiles the
@@ -35,7 +36,7 @@ SHAPE = [
 ]
 
 
-def figures(microbatches: int, remat: str, mesh) -> dict:
+def figures(microbatches: int, remat: str, repeats: int, mesh) -> dict:
     cfg = config_lib.load(
         None,
         [
@@ -43,6 +44,7 @@ def figures(microbatches: int, remat: str, mesh) -> dict:
             f"model.remat={remat}",
             f"train.global_batch_size={microbatches}",
             f"train.microbatches={microbatches}",
+            f"train.pipeline_repeats={repeats}",
         ],
     )
     program = build_program(cfg, mesh)
@@ -53,6 +55,7 @@ def figures(microbatches: int, remat: str, mesh) -> dict:
     stage_inputs = m.n_layers // program.stages.stages * cfg.train.seq_len * m.d_model * c
     return {
         "remat": remat,
+        "repeats": repeats,
         "microbatches": microbatches,
         "temp_mb": step.memory["temp"] / MB,
         "arithmetic_activations_mb": memory.activation_bytes(cfg, program, mesh) / MB,
@@ -68,34 +71,39 @@ def slope(xs, ys) -> float:
     )
 
 
+def table(microbatches: list[int], remat: str, repeats: int, mesh) -> list[dict]:
+    print(f"remat={remat}, pipeline_repeats={repeats}")
+    print(f"{'M':>4} {'XLA temp MB':>12} {'arithmetic MB':>14} {'collectives MB':>40}")
+    rows = []
+    for m in microbatches:
+        row = figures(m, remat, repeats, mesh)
+        rows.append(row)
+        coll = ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["collective_mb"].items()))
+        print(
+            f"{m:>4} {row['temp_mb']:>12.1f} {row['arithmetic_activations_mb']:>14.1f} {coll:>40}",
+            flush=True,
+        )
+    per = slope([r["microbatches"] for r in rows], [r["temp_mb"] for r in rows])
+    need = rows[0]["stage_inputs_per_microbatch_mb"]
+    print(
+        f"slope {per:.2f} MB per microbatch; stage inputs per microbatch {need:.2f} MB "
+        f"(ratio {per / need:.2f})\n"
+    )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--remat", nargs="+", default=["full", "none"])
+    p.add_argument("--repeats", type=int, nargs="+", default=[1], help="pipeline rounds R")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     mesh = mesh_lib.make_mesh("pp=4")
     rows = []
-    for remat in args.remat:
-        print(f"remat={remat}")
-        print(f"{'M':>4} {'XLA temp MB':>12} {'arithmetic MB':>14} {'collectives MB':>40}")
-        these = []
-        for m in args.microbatches:
-            row = figures(m, remat, mesh)
-            these.append(row)
-            coll = ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["collective_mb"].items()))
-            print(
-                f"{m:>4} {row['temp_mb']:>12.1f} {row['arithmetic_activations_mb']:>14.1f} "
-                f"{coll:>40}",
-                flush=True,
-            )
-        per = slope([r["microbatches"] for r in these], [r["temp_mb"] for r in these])
-        need = these[0]["stage_inputs_per_microbatch_mb"]
-        print(
-            f"slope {per:.2f} MB per microbatch; stage inputs per microbatch {need:.2f} MB "
-            f"(ratio {per / need:.2f})\n"
-        )
-        rows += these
+    for repeats in args.repeats:
+        for remat in args.remat:
+            rows += table(args.microbatches, remat, repeats, mesh)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -28,8 +28,9 @@ and XLA's temporaries; benchmarks/pipeline_memory.py measures it):
   tables of the microbatch (b × T × head_dim float32);
 - once: the stage's weights. With R = 1 they are sliced statically, so the residuals that need
   them are loop-invariant and autodiff keeps one copy. With R > 1 the round's slice depends on
-  the iteration, and one copy of the stage's weights is kept per iteration: the circular
-  schedule does not fit large models yet;
+  the iteration: each layer slices its weights inside its recomputation region (with
+  `remat=none`, one that keeps every matmul's output), so the backward pass slices them again
+  instead of keeping a copy per iteration;
 - once: the microbatch inputs and the finished buffer, [M, b, T, D] on every stage, and their
   cotangents;
 - outside the pipeline, the head and the loss on the whole batch (split over `pipeline` where
@@ -70,7 +71,8 @@ def to_stages(w, spec: PipelineSpec):
 
 def run(layers: Callable, stacked, x_BxLxD, positions_BxL, segments_BxL, spec: PipelineSpec):
     """`layers(params, x, positions, segments)` applies a slice of the stack (leading axis n) to
-    one microbatch; returns the output of the whole stack for the whole batch, [B, L, D]."""
+    one microbatch, and `layers(params, ..., group=r)` the group r of [R, n, ...] weights;
+    returns the output of the whole stack for the whole batch, [B, L, D]."""
     S, R, M = spec.stages, spec.repeats, spec.microbatches
     rounds = R * M
     inputs = split_rows(x_BxLxD, M)  # [M, b, L, D], on every stage
@@ -79,14 +81,14 @@ def run(layers: Callable, stacked, x_BxLxD, positions_BxL, segments_BxL, spec: P
     stage_params = jax.tree.map(lambda w: to_stages(w, spec), stacked)
 
     def run_stage(params, x, r, m):
+        seg = None if segments is None else segments[m]
         if R == 1:
             # A static slice: the weights the backward pass needs are then loop-invariant, and
             # autodiff of the scan keeps one copy of them instead of one per iteration.
-            group = jax.tree.map(lambda w: w[0], params)
-        else:  # this round's layer group: a local slice, but one that depends on the iteration
-            group = jax.tree.map(lambda w: w[r], params)
-        seg = None if segments is None else segments[m]
-        return layers(group, x, positions[m], seg)
+            return layers(jax.tree.map(lambda w: w[0], params), x, positions[m], seg)
+        # This round's group depends on the iteration: `layers` slices each layer's weights
+        # where it recomputes them, so no slice is kept per iteration.
+        return layers(params, x, positions[m], seg, group=r)
 
     stage_ids = jnp.arange(S)
 

@@ -38,6 +38,12 @@ REMAT_POLICIES = {
 }
 
 
+# `remat=none` in a pipeline round (see `_run_layers`): every matmul's output is kept and the
+# elementwise work between them recomputed, the weights' casts to the compute dtype among it
+# (kept, they would be one copy of the stage's weights per pipeline iteration).
+ROUND_WITHOUT_REMAT = jax.checkpoint_policies.dots_saveable
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, shard: Shard, *, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg, rngs=rngs)
@@ -167,8 +173,9 @@ class Transformer(nnx.Module):
         x_BxTxD, cache = jax.lax.scan(one_layer, x_BxTxD, (stacked, cache))
         return self.head(x_BxTxD), cache
 
-    def _run_layers(self, graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL):
-        """Scan blocks over the leading axis of `stacked`, one layer's weights at a time."""
+    def _run_layers(self, graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL, group=None):
+        """Scan blocks over the leading axis of `stacked`, one layer's weights at a time; with
+        `group`, over the layers of stacked[group] (a pipeline round, see pipeline.run)."""
         cfg = self.cfg
         rotary = None
         if cfg.positions == "rope":
@@ -180,6 +187,19 @@ class Transformer(nnx.Module):
         def one_layer(x_BxLxD, layer_params):
             return nnx.merge(graphdef, layer_params)(x_BxLxD, rotary, mask), None
 
+        if group is not None:
+            # The group's weights are a slice that depends on the pipeline iteration: sliced
+            # here, inside the layer's recomputation region, and never saved (no policy saves
+            # a slice or a cast).
+            def layer_of_group(x_BxLxD, j):
+                layer_params = jax.tree.map(lambda w: w[group, j], stacked)
+                return one_layer(x_BxLxD, layer_params)
+
+            policy = REMAT_POLICIES.get(self.cfg.remat, ROUND_WITHOUT_REMAT)
+            step = jax.checkpoint(layer_of_group, policy=policy, prevent_cse=False)
+            n_layers = jax.tree.leaves(stacked)[0].shape[1]
+            x_BxLxD, _ = jax.lax.scan(step, x_BxLxD, jnp.arange(n_layers))
+            return x_BxLxD
         if self.cfg.remat != "none":
             one_layer = jax.checkpoint(
                 one_layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False
