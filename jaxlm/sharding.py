@@ -9,6 +9,8 @@ The model names every dimension of every weight and activation with a logical na
     layers         pipeline             pipeline stages: each holds a slice of the layer stack
     pipeline_batch pipeline, data, fsdp the head's batch under pipelining: data parallel over the
                                         stages too
+    pipeline_length pipeline            ... or, where the batch does not divide, its tokens split
+                                        over the stages by position (the head is per token)
     embed          fsdp                 ZeRO-3: every weight, its gradient and Adam state split
                                         along d_model; XLA all-gathers a layer's weights before
                                         use and reduce-scatters its gradients
@@ -52,6 +54,7 @@ RULES: Rules = {
     # activations
     "batch": ("data", "fsdp"),
     "pipeline_batch": ("pipeline", "data", "fsdp"),
+    "pipeline_length": ("pipeline",),
     "length": (),
     "act_embed": (),
 }

@@ -129,23 +129,29 @@ class Transformer(nnx.Module):
                 segments_BxL,
                 self.stages,
             )
-            # The head runs data-parallel over the pipeline axis too, where the batch divides.
-            names = ("pipeline_batch", "length", "act_embed")
-            if self.shard.fits(x_BxLxD.shape, names):
-                x_BxLxD = self.shard(x_BxLxD, names)
+            # The head works per token: its tokens are split over the pipeline axis too, by
+            # sequence where the batch divides, else by position. Otherwise each stage would
+            # compute and keep the whole batch's logits.
+            for names in (
+                ("pipeline_batch", "length", "act_embed"),
+                ("batch", "pipeline_length", "act_embed"),
+            ):
+                if self.shard.fits(x_BxLxD.shape, names):
+                    return self.head(self.shard(x_BxLxD, names), names[:2])
         else:
             x_BxLxD = self._run_layers(graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL)
         return self.head(x_BxLxD)
 
-    def head(self, x_BxLxD):
-        """The final norm and the output projection: logits [B, L, V]."""
+    def head(self, x_BxLxD, tokens: tuple[str, str] = ("batch", "length")):
+        """The final norm and the output projection: logits [B, L, V], their batch and length
+        sharded as the logical axes `tokens` say."""
         x_BxLxD = self.final_norm(x_BxLxD)
         dtype = x_BxLxD.dtype
         if self.cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, self.embedding[...].astype(dtype))
         else:
             logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.lm_head[...].astype(dtype))
-        return self.shard(logits_BxLxV, ("batch", "length", "vocab"))
+        return self.shard(logits_BxLxV, (*tokens, "vocab"))
 
     def decode(self, tokens_BxT, cache: LayerCache, start):
         """Logits [B, T, V] of T tokens at positions start .. start+T-1 given the cache of the
