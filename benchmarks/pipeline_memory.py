@@ -1,7 +1,7 @@
 """XLA's memory of the pipelined train step against the number of microbatches.
 
     python benchmarks/pipeline_memory.py [--microbatches 8 16 32 64] [--repeats 1 2]
-                                         [--remat full none] [--json OUT.json]
+                                         [--remat full none] [--whole-loss] [--json OUT.json]
 
 d_model 512, 8 layers, seq 512, pp=4 on 4 fake CPU devices, one sequence per microbatch (the
 global batch is M sequences), for `model.remat` full and none. For each M it compiles the
@@ -9,7 +9,10 @@ train step (nothing runs) and prints XLA's temporaries per device next to the ar
 stage inputs (jaxlm/cost/memory.py), then the slope of a least-squares line through the
 temporaries: MB per microbatch. GPipe keeps, per stage and microbatch, what the recomputation
 policy saves for its L / S layers; with `remat=full` that is each layer's input, 2 layers x
-512 x 512 in bfloat16 = 1 MB here. Not a test: nothing asserts; the table goes to the notes.
+512 x 512 in bfloat16 = 1 MB here. The loss runs in one chunk per microbatch
+(`train.loss_chunks=M`), so that the head's logits of one sequence are alive at a time;
+`--whole-loss` runs it on the whole batch at once, whose logits then grow with M too.
+Not a test: nothing asserts; the table goes to the notes.
 """
 
 import argparse
@@ -36,7 +39,7 @@ SHAPE = [
 ]
 
 
-def figures(microbatches: int, remat: str, repeats: int, mesh) -> dict:
+def figures(microbatches: int, remat: str, repeats: int, chunks: int, mesh) -> dict:
     cfg = config_lib.load(
         None,
         [
@@ -45,6 +48,7 @@ def figures(microbatches: int, remat: str, repeats: int, mesh) -> dict:
             f"train.global_batch_size={microbatches}",
             f"train.microbatches={microbatches}",
             f"train.pipeline_repeats={repeats}",
+            f"train.loss_chunks={chunks}",
         ],
     )
     program = build_program(cfg, mesh)
@@ -57,6 +61,7 @@ def figures(microbatches: int, remat: str, repeats: int, mesh) -> dict:
         "remat": remat,
         "repeats": repeats,
         "microbatches": microbatches,
+        "loss_chunks": cfg.train.loss_chunks,
         "temp_mb": step.memory["temp"] / MB,
         "arithmetic_activations_mb": memory.activation_bytes(cfg, program, mesh) / MB,
         "stage_inputs_per_microbatch_mb": stage_inputs / MB,
@@ -71,12 +76,12 @@ def slope(xs, ys) -> float:
     )
 
 
-def table(microbatches: list[int], remat: str, repeats: int, mesh) -> list[dict]:
-    print(f"remat={remat}, pipeline_repeats={repeats}")
+def table(microbatches: list[int], remat: str, repeats: int, whole_loss: bool, mesh) -> list:
+    print(f"remat={remat}, pipeline_repeats={repeats}, loss_chunks={'1' if whole_loss else 'M'}")
     print(f"{'M':>4} {'XLA temp MB':>12} {'arithmetic MB':>14} {'collectives MB':>40}")
     rows = []
     for m in microbatches:
-        row = figures(m, remat, repeats, mesh)
+        row = figures(m, remat, repeats, 1 if whole_loss else m, mesh)
         rows.append(row)
         coll = ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["collective_mb"].items()))
         print(
@@ -97,13 +102,14 @@ def main() -> None:
     p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--remat", nargs="+", default=["full", "none"])
     p.add_argument("--repeats", type=int, nargs="+", default=[1], help="pipeline rounds R")
+    p.add_argument("--whole-loss", action="store_true", help="the loss in one piece")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     mesh = mesh_lib.make_mesh("pp=4")
     rows = []
     for repeats in args.repeats:
         for remat in args.remat:
-            rows += table(args.microbatches, remat, repeats, mesh)
+            rows += table(args.microbatches, remat, repeats, args.whole_loss, mesh)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

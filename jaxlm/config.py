@@ -97,6 +97,9 @@ class TrainConfig:
     microbatches: int | None = setting(None, at_least(1))
     # > 1: circular pipeline, each stage holds this many layer groups
     pipeline_repeats: int = setting(1, at_least(1))
+    # > 1: the head and loss run on this many slices of each forward pass's rows in turn,
+    # recomputed in the backward pass, so only one slice's logits are alive at a time
+    loss_chunks: int = setting(1, at_least(1))
     # 0 is allowed: it freezes the weights (a run that only evaluates, or fine-tunes nothing)
     lr: float = setting(4e-3, non_negative())
     min_lr_ratio: float = setting(0.1, fraction())  # cosine decay ends at lr * min_lr_ratio

@@ -228,6 +228,11 @@ def batch_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int]:
             f"train.micro_batch_size={micro} does not divide the {per_replica} sequences each "
             f"data-parallel replica gets (global batch {t.global_batch_size} / {dp} replicas)"
         )
+    if micro % t.loss_chunks:
+        raise UsageError(
+            f"train.loss_chunks={t.loss_chunks} does not divide the micro batch of {micro} "
+            f"sequences per data-parallel replica"
+        )
     return micro, per_replica // micro
 
 

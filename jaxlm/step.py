@@ -14,6 +14,7 @@ same computation as one batch of eight.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +108,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
             jnp.int32(0), jnp.int32(0), params, tx.init(params), LossScale.initial(cfg)
         )
 
-    loss_fn = make_loss_fn(spec.graphdef)
+    loss_fn = make_loss_fn(spec.graphdef, cfg.train.loss_chunks)
     step_fn = make_train_step(
         cfg, tx, loss_fn, accumulation, param_shardings, grad_shardings, batch_sharding
     )
@@ -133,19 +134,44 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
     )
 
 
-def make_loss_fn(graphdef):
-    """loss_sums(params, batch) -> (sum of token cross-entropies, number of target tokens)."""
+def _cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL):
+    # float32 for the softmax: bf16 log-sum-exp over a 50k vocabulary loses the loss's digits.
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), targets_BxL
+    )
+    weights_BxL = weights_BxL.astype(jnp.float32)
+    return (ce_BxL * weights_BxL).sum(), weights_BxL.sum()
+
+
+def make_loss_fn(graphdef, chunks: int = 1):
+    """loss_sums(params, batch) -> (sum of token cross-entropies, number of target tokens).
+
+    With `chunks` > 1 the head and the loss run on that many slices of the batch's rows in turn
+    (`split_rows`: each keeps the batch's sharding), recomputed in the backward pass: only one
+    slice's logits and softmax are alive at a time, instead of the whole batch's. The price:
+    the head's weight gradient is summed over the devices that split the rows once per slice.
+    """
 
     def loss_sums(params, batch: Batch):
-        logits_BxLxV = model_lib.apply(
-            graphdef, params, batch["inputs"], batch.get("positions"), batch.get("segments")
-        )
-        # float32 for the softmax: bf16 log-sum-exp over a 50k vocabulary loses the loss's digits.
-        ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
-            logits_BxLxV.astype(jnp.float32), batch["targets"]
-        )
-        weights_BxL = batch["weights"].astype(jnp.float32)
-        return (ce_BxL * weights_BxL).sum(), weights_BxL.sum()
+        inputs = (batch["inputs"], batch.get("positions"), batch.get("segments"))
+        if chunks == 1:
+            logits_BxLxV = model_lib.apply(graphdef, params, *inputs)
+            return _cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
+        x_BxLxD = model_lib.hidden(graphdef, params, *inputs)
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def add_chunk(sums, chunk):
+            x_CxLxD, targets_CxL, weights_CxL = chunk
+            logits_CxLxV = model_lib.head(graphdef, params, x_CxLxD)
+            total, count = _cross_entropy_sums(logits_CxLxV, targets_CxL, weights_CxL)
+            return (sums[0] + total, sums[1] + count), None
+
+        parts = [
+            sharding.split_rows(a, chunks) for a in (x_BxLxD, batch["targets"], batch["weights"])
+        ]
+        zero = jnp.zeros((), jnp.float32)
+        sums, _ = jax.lax.scan(add_chunk, (zero, zero), parts)
+        return sums
 
     return loss_sums
 

@@ -56,6 +56,17 @@ def apply(graphdef, params: Params, tokens_BxL, positions_BxL=None, segments_BxL
     return nnx.merge(graphdef, params)(tokens_BxL, positions_BxL, segments_BxL)
 
 
+def hidden(graphdef, params: Params, tokens_BxL, positions_BxL=None, segments_BxL=None):
+    """The last layer's output [B, L, D]: `apply` without the head, for a loss that runs the
+    head in pieces."""
+    return nnx.merge(graphdef, params).hidden(tokens_BxL, positions_BxL, segments_BxL)
+
+
+def head(graphdef, params: Params, x_BxLxD):
+    """Logits [B, L, V] of the final norm and output projection, for `hidden`'s output."""
+    return nnx.merge(graphdef, params).head(x_BxLxD)
+
+
 def decode(graphdef, params: Params, tokens_BxT, cache: LayerCache, start):
     """(logits [B, T, V], cache): T tokens at positions start.. over a key/value cache."""
     return nnx.merge(graphdef, params).decode(tokens_BxT, cache, start)

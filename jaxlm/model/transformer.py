@@ -99,10 +99,7 @@ class Transformer(nnx.Module):
         positions: each token's position in its document (default 0..L-1);
         segments: document ids for packed rows; tokens attend only within their document.
         """
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-        x_BxLxD = self.embed(tokens_BxL, positions_BxL)
-        return self.forward_embedded(x_BxLxD, positions_BxL, segments_BxL)
+        return self.head(self.hidden(tokens_BxL, positions_BxL, segments_BxL))
 
     def embed(self, tokens_BxL, positions_BxL):
         dtype = jnp.dtype(self.cfg.compute_dtype)
@@ -119,9 +116,19 @@ class Transformer(nnx.Module):
 
     def forward_embedded(self, x_BxLxD, positions_BxL, segments_BxL=None):
         """The rest of the forward pass after the embedding lookup (differentiable in x)."""
+        return self.head(self.body(x_BxLxD, positions_BxL, segments_BxL))
+
+    def hidden(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
+        """The last layer's output [B, L, D], before the head."""
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        return self.body(self.embed(tokens_BxL, positions_BxL), positions_BxL, segments_BxL)
+
+    def body(self, x_BxLxD, positions_BxL, segments_BxL=None):
+        """The layers: [B, L, D] -> [B, L, D]."""
         graphdef, stacked = nnx.split(self.layers)
         if self.stages.stages > 1:
-            x_BxLxD = pipeline.run(
+            return pipeline.run(
                 functools.partial(self._run_layers, graphdef),
                 stacked,
                 x_BxLxD,
@@ -129,22 +136,13 @@ class Transformer(nnx.Module):
                 segments_BxL,
                 self.stages,
             )
-            # The head works per token: its tokens are split over the pipeline axis too, by
-            # sequence where the batch divides, else by position. Otherwise each stage would
-            # compute and keep the whole batch's logits.
-            for names in (
-                ("pipeline_batch", "length", "act_embed"),
-                ("batch", "pipeline_length", "act_embed"),
-            ):
-                if self.shard.fits(x_BxLxD.shape, names):
-                    return self.head(self.shard(x_BxLxD, names), names[:2])
-        else:
-            x_BxLxD = self._run_layers(graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL)
-        return self.head(x_BxLxD)
+        return self._run_layers(graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL)
 
-    def head(self, x_BxLxD, tokens: tuple[str, str] = ("batch", "length")):
-        """The final norm and the output projection: logits [B, L, V], their batch and length
-        sharded as the logical axes `tokens` say."""
+    def head(self, x_BxLxD):
+        """The final norm and the output projection: logits [B, L, V]."""
+        tokens = self._head_tokens(x_BxLxD.shape)
+        if tokens != ("batch", "length"):  # a pipeline's output, split over the stages
+            x_BxLxD = self.shard(x_BxLxD, (*tokens, "act_embed"))
         x_BxLxD = self.final_norm(x_BxLxD)
         dtype = x_BxLxD.dtype
         if self.cfg.tie_embeddings:
@@ -152,6 +150,16 @@ class Transformer(nnx.Module):
         else:
             logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.lm_head[...].astype(dtype))
         return self.shard(logits_BxLxV, (*tokens, "vocab"))
+
+    def _head_tokens(self, shape) -> tuple[str, str]:
+        """The logical names of the head's batch and length. The head works per token: under a
+        pipeline its tokens are split over the stages too, by sequence where the batch divides,
+        else by position; otherwise each stage would compute and keep the whole batch's logits."""
+        if self.stages.stages > 1:
+            for names in (("pipeline_batch", "length"), ("batch", "pipeline_length")):
+                if self.shard.fits(shape, (*names, "act_embed")):
+                    return names
+        return ("batch", "length")
 
     def decode(self, tokens_BxT, cache: LayerCache, start):
         """Logits [B, T, V] of T tokens at positions start .. start+T-1 given the cache of the
