@@ -45,6 +45,7 @@ def test_micro_batches_are_strided_so_each_device_keeps_its_rows():
     assert micro.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec, overrides",
     # pp=4,dp=2: the head splits the whole batch's 16 rows over the 8 devices, a chunk's 4 rows
