@@ -89,6 +89,7 @@ def test_plan_compiles_a_large_model_on_fake_devices():
     assert figures["days"] > 0 and figures["compile_s"] > 0
 
 
+@pytest.mark.slow
 def test_plan_warns_when_the_arithmetic_and_xla_disagree_saying_which_it_trusts(monkeypatch):
     cfg = config_lib.load("tiny", ["model.n_layers=4"])
     m = mesh.make_mesh("pp=2,dp=4")
