@@ -31,6 +31,19 @@ def train(*args):
     return ["train", *TINY, "--out", "out", *args]
 
 
+def on_one_device(command, *args):
+    """plan or bench of the tiny preset on one device."""
+    return [command, "--config", "tiny", "--mesh", "dp=1", *args]
+
+
+def tune(*args):
+    return ["tune", "--config", "tiny", "--devices", "8", *args]
+
+
+def generate(*args):
+    return ["generate", "--run", "run", "--prompt", "a", *args]
+
+
 CASES = {
     # config values out of their domain
     "negative learning rate": train("train.lr=-1"),
@@ -78,56 +91,24 @@ CASES = {
     "run directory under a file": ["train", *TINY, "--out", "a-file/run"],
     "resume with another model": ["train", *TINY, "--out", "run", "model.d_ff=256"],
     # plan and tune
-    "negative MFU": ["plan", "--config", "tiny", "--mesh", "dp=1", "--mfu", "-0.4"],
-    "MFU of 0": ["plan", "--config", "tiny", "--mesh", "dp=1", "--mfu", "0"],
-    "negative token budget": ["plan", "--config", "tiny", "--mesh", "dp=1", "--tokens=-1e9"],
-    "plan on 0 devices": ["plan", "--config", "tiny", "--mesh", "dp=1", "--devices", "0"],
-    "tune 0 trials": ["tune", "--config", "tiny", "--devices", "8", "--max-trials", "0"],
-    "negative device memory": [
-        "tune",
-        "--config",
-        "tiny",
-        "--devices",
-        "8",
-        "--device-memory",
-        "-1",
-    ],
+    "negative MFU": on_one_device("plan", "--mfu", "-0.4"),
+    "MFU of 0": on_one_device("plan", "--mfu", "0"),
+    "negative token budget": on_one_device("plan", "--tokens=-1e9"),
+    "plan on 0 devices": on_one_device("plan", "--devices", "0"),
+    "tune 0 trials": tune("--max-trials", "0"),
+    "negative device memory": tune("--device-memory", "-1"),
     # bench
-    "negative warm-up": ["bench", "--config", "tiny", "--mesh", "dp=1", "--warmup", "-1"],
-    "zero timed steps": ["bench", "--config", "tiny", "--mesh", "dp=1", "--steps", "0"],
-    "bench --out under a file": [
-        "bench",
-        "--config",
-        "tiny",
-        "--mesh",
-        "dp=1",
-        "--out",
-        "a-file/r.json",
-    ],
-    "bench --out not a list": [
-        "bench",
-        "--config",
-        "tiny",
-        "--mesh",
-        "dp=1",
-        "--out",
-        "listless.json",
-    ],
-    "missing PyTorch result": [
-        "bench",
-        "--config",
-        "tiny",
-        "--mesh",
-        "dp=1",
-        "--pytorch",
-        "no.json",
-    ],
+    "negative warm-up": on_one_device("bench", "--warmup", "-1"),
+    "zero timed steps": on_one_device("bench", "--steps", "0"),
+    "bench --out under a file": on_one_device("bench", "--out", "a-file/r.json"),
+    "bench --out not a list": on_one_device("bench", "--out", "listless.json"),
+    "missing PyTorch result": on_one_device("bench", "--pytorch", "no.json"),
     # generate
-    "generate 0 tokens": ["generate", "--run", "run", "--prompt", "a", "--max-new-tokens", "0"],
-    "top-p of 0": ["generate", "--run", "run", "--prompt", "a", "--top-p", "0"],
-    "negative temperature": ["generate", "--run", "run", "--prompt", "a", "--temperature", "-1"],
+    "generate 0 tokens": generate("--max-new-tokens", "0"),
+    "top-p of 0": generate("--top-p", "0"),
+    "negative temperature": generate("--temperature", "-1"),
     "generate from no run": ["generate", "--run", "nowhere", "--prompt", "a"],
-    "generate from a missing step": ["generate", "--run", "run", "--prompt", "a", "--step", "999"],
+    "generate from a missing step": generate("--step", "999"),
     # eval
     "evaluate 0 batches": ["eval", "--run", "run", "--batches", "0"],
     "eval --json under a file": ["eval", "--run", "run", "--json", "a-file/e.json"],

@@ -121,13 +121,12 @@ def on_dp8(tmp_path_factory):
 def test_save_on_dp8_restore_and_continue_on_another_mesh(
     tiny_cfg, tmp_path, on_dp8, spec, devices
 ):
-    schedule = DP8_SCHEDULE
     dp8 = mesh_lib.make_mesh("dp=8")
     uninterrupted, saved_run = on_dp8
     shutil.copytree(saved_run, tmp_path, dirs_exist_ok=True)
 
     other = mesh_lib.make_mesh(spec, jax.devices()[:devices])
-    cfg = tiny_cfg("train.steps=10", *schedule)
+    cfg = tiny_cfg("train.steps=10", *DP8_SCHEDULE)
     saved, restored = (_restore(cfg, m, tmp_path) for m in (dp8, other))
     assert restored.step == saved.step == 6
     q_proj = restored.state.params["layers"]["attn"]["q_proj"]

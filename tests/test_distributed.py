@@ -20,13 +20,13 @@ from jaxlm import training
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 ENV.pop("JAX_NUM_CPU_DEVICES", None)
-SCHEDULE = (
-    "--config",
-    "tiny",
-    "train.decay_steps=12",
-    "train.eval_every=4",
-    "model.compute_dtype=float32",
-)
+# the tiny preset's 12 steps, for one process (in this one) and for several (launched)
+OVERRIDES = ("train.decay_steps=12", "train.eval_every=4", "model.compute_dtype=float32")
+SCHEDULE = ("--config", "tiny", *OVERRIDES)
+
+
+def twelve_steps() -> config_lib.Config:
+    return config_lib.load("tiny", [*OVERRIDES, "train.steps=12"])
 
 
 def launch(n, out, *args, timeout=600):
@@ -61,15 +61,7 @@ def rows(out):
 def one_process(tmp_path_factory):
     """The reference: one process with all 8 devices, on the default corpus."""
     out = tmp_path_factory.mktemp("one")
-    cfg = config_lib.load(
-        "tiny",
-        [
-            "train.decay_steps=12",
-            "train.eval_every=4",
-            "model.compute_dtype=float32",
-            "train.steps=12",
-        ],
-    )
+    cfg = twelve_steps()
     training.run(cfg, mesh_lib.make_mesh("dp=2,fsdp=2,tp=2"), out)
     return rows(out)
 
@@ -117,15 +109,7 @@ def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(
     for later in (9, 12):
         shutil.rmtree(tmp_path / "checkpoints" / str(later))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
-    cfg = config_lib.load(
-        "tiny",
-        [
-            "train.decay_steps=12",
-            "train.eval_every=4",
-            "model.compute_dtype=float32",
-            "train.steps=12",
-        ],
-    )
+    cfg = twelve_steps()
     continued = train_rows(training.run(cfg, mesh_lib.make_mesh("fsdp=4,tp=2"), tmp_path))
     assert [r["step"] for r in continued] == list(range(7, 13))
     np.testing.assert_allclose(

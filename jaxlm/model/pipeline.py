@@ -33,9 +33,10 @@ and XLA's temporaries; benchmarks/pipeline_memory.py measures it):
   instead of keeping a copy per iteration;
 - once: the microbatch inputs and the finished buffer, [M, b, T, D] on every stage, and their
   cotangents;
-- outside the pipeline, the head and the loss on the whole batch (split over `pipeline` where
-  the batch divides): logits in the compute dtype, their float32 softmax and its gradient. For
-  small models this is the largest term, and it grows with M when the micro batch does.
+- outside the pipeline, the head and the loss on the whole batch, its tokens split over
+  `pipeline` (by sequence, else by position): logits in the compute dtype, their float32
+  softmax and its gradient. For small models this is the largest term, and it grows with M
+  when the micro batch does, unless `train.loss_chunks` runs the head on slices in turn.
 """
 
 import dataclasses

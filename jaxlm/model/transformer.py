@@ -209,7 +209,7 @@ class Transformer(nnx.Module):
                 layer_params = jax.tree.map(lambda w: w[group, j], stacked)
                 return one_layer(x_BxLxD, layer_params)
 
-            policy = REMAT_POLICIES.get(self.cfg.remat, ROUND_WITHOUT_REMAT)
+            policy = REMAT_POLICIES.get(cfg.remat, ROUND_WITHOUT_REMAT)
             step = jax.checkpoint(layer_of_group, policy=policy, prevent_cse=False)
             n_layers = jax.tree.leaves(stacked)[0].shape[1]
             x_BxLxD, _ = jax.lax.scan(step, x_BxLxD, jnp.arange(n_layers))
