@@ -24,6 +24,7 @@ from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import training
 from jaxlm.data import corpus, loader, prepare, tokenizer
+from jaxlm.data.orders import PackedOrder
 from jaxlm.data.pipeline import PackedBatches
 from jaxlm.data.shards import PreparedSplit
 from jaxlm.sharding import batch_sharding
@@ -49,9 +50,8 @@ def prepare_throughput(vocab_size: int, workdir: str) -> dict:
 
 
 def loader_throughput(directory: str, batches: int, mesh) -> dict:
-    source = PackedBatches(
-        PreparedSplit(directory, "train"), seq_len=SEQ_LEN, global_batch=BATCH, seed=0
-    )
+    order = PackedOrder(PreparedSplit(directory, "train"), seq_len=SEQ_LEN, seed=0)
+    source = PackedBatches(order, global_batch=BATCH)
     start = time.perf_counter()
     for i in range(batches):
         source[i]

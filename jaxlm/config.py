@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from jaxlm import domain
+from jaxlm.data.blend import SourceText, to_text
+from jaxlm.data.megatron_order import DEFAULT_SPLIT, SplitText
 from jaxlm.domain import (
     Duration,
     NonEmpty,
@@ -135,8 +137,17 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     # "stdlib" (the interpreter's standard library, tokenized into $JAXLM_CACHE on first use),
-    # a directory made by `python -m jaxlm.data prepare`, or "synthetic"
-    source: str = setting("stdlib", NonEmpty())
+    # a directory made by `python -m jaxlm.data prepare`, "megatron:PREFIX" (Megatron-LM's
+    # PREFIX.bin + .idx), "synthetic", or a blend: "0.7 megatron:/data/web 0.3 /data/code" (or a
+    # YAML list of {source, weight}, or a mapping source: weight)
+    source: str = setting("stdlib", SourceText())
+    # "jaxlm": documents shuffled each epoch, packed into windows that do not overlap;
+    # "megatron": Megatron-LM GPTDataset's samples, token for token (jaxlm/data/megatron_order.py)
+    order: Literal["jaxlm", "megatron"] = "jaxlm"
+    # Megatron's train,validation,test split of a Megatron prefix's documents
+    split: str = setting(DEFAULT_SPLIT, SplitText())
+    # where sample indices are cached (None: a cache/ directory beside the data)
+    cache_dir: str | None = setting(None, NonEmpty())
     # if set, refuse shards that another tokenizer made
     tokenizer: str | None = setting(None, NonEmpty())
     cross_document_attention: bool = False  # false: packed documents do not see each other
@@ -389,7 +400,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str, from_text: bool)
             )
         return value
     if annotation is str:
-        return str(value)
+        return to_text(value) if key == "data.source" else str(value)
     if from_text and isinstance(value, str):
         value = yaml.safe_load(value) if value else value
     if annotation is bool and isinstance(value, bool):

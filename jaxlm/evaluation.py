@@ -11,6 +11,7 @@ batches' sums over the sum of their token counts, in float64 on the host), the p
 exponential.
 """
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -46,23 +47,34 @@ def perplexity(loss: float) -> float:
 
 
 class Evaluator:
-    """Validation loss on the first `train.eval_batches` held-out batches, always the same ones."""
+    """Validation loss on the first `train.eval_batches` held-out batches, always the same ones;
+    for a blend also on each source's own held-out batches (`val_loss/NAME`)."""
 
-    def __init__(self, cfg: Config, program: Program, directory):
+    def __init__(self, cfg: Config, program: Program, sources):
         self.cfg, self.program = cfg, program
         self.every = cfg.train.eval_every
-        self._batches = lambda: loader.make_batches(
-            cfg, program.batch_sharding, split="val", directory=directory
-        )
-        self.count = cfg.train.eval_batches
+        names = [s.name for s in sources] if sources and len(sources) > 1 else []
+        self._batches = {
+            name: functools.partial(
+                loader.make_batches,
+                cfg,
+                program.batch_sharding,
+                split="val",
+                sources=sources,
+                only=name,
+            )
+            for name in [None, *names]
+        }
+        self.counts = {}
         if self.every:
             try:
-                self.count = min(self.count, len(self._batches()))
+                for name, batches in self._batches.items():
+                    self.counts[name] = min(cfg.train.eval_batches, len(batches()))
             except UsageError as e:  # no held-out split, or one too small for a batch
                 log.info("no validation: %s", e)
                 self.every = 0
             except TypeError:  # synthetic batches are endless
-                pass
+                self.counts = {None: cfg.train.eval_batches}
 
     def due(self, step: int) -> bool:
         return bool(self.every) and (
@@ -70,12 +82,20 @@ class Evaluator:
         )
 
     def __call__(self, state, step: int) -> dict:
-        loss, _ = mean_loss(
-            lambda batch: self.program.eval_step(state, batch), self._batches(), self.count
+        row = {"step": step}
+        for name, count in self.counts.items():
+            loss, _ = mean_loss(
+                lambda batch: self.program.eval_step(state, batch), self._batches[name](), count
+            )
+            suffix = "" if name is None else f"/{name}"
+            row[f"val_loss{suffix}"], row[f"val_perplexity{suffix}"] = loss, perplexity(loss)
+        log.info(
+            "step %d | validation loss %.4f | perplexity %.1f",
+            step,
+            row["val_loss"],
+            row["val_perplexity"],
         )
-        ppl = perplexity(loss)
-        log.info("step %d | validation loss %.4f | perplexity %.1f", step, loss, ppl)
-        return {"step": step, "val_loss": loss, "val_perplexity": ppl}
+        return row
 
 
 def evaluate(run: runs.Run, mesh, *, batches: int | None = None) -> dict:
@@ -92,10 +112,8 @@ def evaluate(run: runs.Run, mesh, *, batches: int | None = None) -> dict:
     if batches is not None and batches < 1:
         raise UsageError(f"--batches must be at least 1, not {batches}")
     runs.check_mesh(cfg, mesh, batch=cfg.train.global_batch_size)
-    directory = loader.resolve_source(cfg)
-    split = loader.make_batches(
-        cfg, sharding.batch_sharding(mesh), split="val", directory=directory
-    )
+    sources = loader.resolve_source(cfg)
+    split = loader.make_batches(cfg, sharding.batch_sharding(mesh), split="val", sources=sources)
     count = len(split) if batches is None else min(batches, len(split))
 
     spec = model_lib.describe(cfg.model, sharding.ActivationSharding(mesh))
@@ -106,7 +124,7 @@ def evaluate(run: runs.Run, mesh, *, batches: int | None = None) -> dict:
     return {
         "run": str(run.directory),
         "step": run.step,
-        "data": str(directory),
+        "data": cfg.data.source,
         "split": "val",
         "batches": count,
         "batch_shape": [cfg.train.global_batch_size, cfg.train.seq_len],

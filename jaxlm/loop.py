@@ -104,11 +104,12 @@ class Loop:
 
         pending, last_done, first, stop = None, mark(), True, False
 
-        def record(step, step_metrics, stop_vote, started):
+        def record(step, step_metrics, stop_vote, started, taken):
             # Blocks until `step` is done, while the device already works on the next one.
             values, stop_agreed = jax.device_get((step_metrics, stop_vote))
             now = mark()
             row = {"step": step, **{k: float(v) for k, v in values.items()}}
+            row |= {f"tokens/{name}": tokens for name, tokens in taken.items()}  # of a blend
             row["skipped"] = int(row["skipped"])
             row["skipped_steps"] = int(row["skipped_steps"])
             row["step_time_s"] = now[0] - started[0]
@@ -139,7 +140,7 @@ class Loop:
                     last_done, first = mark(), False
                 elif pending:
                     last_done, stop = record(*pending)
-                pending = (step, step_metrics, vote.cast(), last_done)
+                pending = (step, step_metrics, vote.cast(), last_done, self.batches.taken())
 
                 every = self.cfg.checkpoint.every
                 save = step == t.steps or (every and step % every == 0)

@@ -57,9 +57,9 @@ def run(
     to inspect them afterwards.
     """
     program = program or build_program(cfg, mesh)  # 1
-    directory = loader.resolve_source(cfg)  # 2
-    batches = loader.make_batches(cfg, program.batch_sharding, directory=directory)
-    evaluator = Evaluator(cfg, program, directory)
+    sources = loader.resolve_source(cfg)  # 2
+    batches = loader.make_batches(cfg, program.batch_sharding, sources=sources)
+    evaluator = Evaluator(cfg, program, sources)
     writer = jax.process_index() == 0  # writes metrics, TensorBoard and the config
     out_dir = prepare_out_dir(out_dir)  # 3
     if jax.process_count() > 1:

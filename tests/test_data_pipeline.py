@@ -11,6 +11,7 @@ import pytest
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
 from jaxlm.data import corpus, loader, prepare, tokenizer
+from jaxlm.data.orders import PackedOrder
 from jaxlm.data.pipeline import PackedBatches
 from jaxlm.data.shards import PreparedSplit
 from jaxlm.sharding import batch_sharding
@@ -28,18 +29,22 @@ def directory(tmp_path_factory):
     return out
 
 
-def source(directory, **kw):
-    args = dict(seq_len=32, global_batch=8, seed=0)
-    return PackedBatches(PreparedSplit(directory, "train"), **{**args, **kw})
+def source(directory, seq_len=32, seed=0, **kw):
+    order = PackedOrder(PreparedSplit(directory, "train"), seq_len=seq_len, seed=seed)
+    return PackedBatches(order, **{"global_batch": 8, **kw})
+
+
+def batches_per_epoch(src):
+    return src.order.one_pass // src.global_batch
 
 
 def test_same_seed_same_batches_other_seed_other_batches(directory):
     a, b, c = source(directory), source(directory), source(directory, seed=1)
-    for i in (0, 5, a.batches_per_epoch + 2):
+    for i in (0, 5, batches_per_epoch(a) + 2):
         np.testing.assert_array_equal(a[i]["inputs"], b[i]["inputs"])
     assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
     # a new epoch is a new shuffle
-    assert not np.array_equal(a[0]["inputs"], a[a.batches_per_epoch]["inputs"])
+    assert not np.array_equal(a[0]["inputs"], a[batches_per_epoch(a)]["inputs"])
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -56,8 +61,8 @@ def test_processes_get_disjoint_rows_that_form_the_global_batch(directory, n):
 
 def test_windows_are_the_shuffled_documents_end_to_end(directory):
     src = source(directory, seq_len=63)
-    split = src.split
-    order, _ = src._epoch(0)
+    split = src.order.split
+    order, _ = src.order._epoch(0)
     stream = np.concatenate([split.read(d, 0, split.doc_length[d]) for d in order])
     batch = src[1]
     window = 64

@@ -86,7 +86,8 @@ def test_the_loss_is_the_validation_loss_training_logged(trained, tmp_path):
 def test_the_whole_split_by_default_and_another_data_directory(trained):
     out, _ = trained
     run = runs.open_run(out)
-    directory = loader.resolve_source(run.cfg)
+    (source,) = loader.resolve_source(run.cfg)
+    directory = source.path
     first = evaluation.evaluate(run, mesh_lib.make_mesh("dp=8"), batches=1)
     assert first["tokens"] == 16 * 32
     big_batches = config_lib.apply_overrides(run.cfg, ["train.global_batch_size=256"])

@@ -1,20 +1,31 @@
-"""`python -m jaxlm.data`: train a tokenizer and prepare tokenized shards.
+"""`python -m jaxlm.data`: train a tokenizer, prepare tokenized data, look into a source.
 
     python -m jaxlm.data tokenizer --input PATH... --vocab-size N --out FILE.model
     python -m jaxlm.data prepare --input PATH... --tokenizer FILE.model --out DIR [--val-fraction F]
+    python -m jaxlm.data prepare --format megatron --input PATH... --tokenizer FILE --out PREFIX
+    python -m jaxlm.data inspect SOURCE
+    python -m jaxlm.data samples --source SOURCE --seq-len L --seed S --count N [--order megatron]
+        [--split STR] --out FILE.npy
 
 Inputs are text files (one document each), directories (read recursively), globs, or JSONL files
 (one document per line; --jsonl-field names the text field). Train on the result with
-`python -m jaxlm.train data.source=DIR`.
+`python -m jaxlm.train data.source=DIR` (or `data.source=megatron:PREFIX`). `samples` writes the
+first N training samples, int32 [N, L + 1], as training would cut them, without JAX.
 """
 
+import json
 import logging
 import pathlib
 import sys
 
+import numpy as np
+
 from jaxlm import cli
-from jaxlm.data import corpus, prepare, tokenizer
+from jaxlm import config as config_lib
+from jaxlm.config import DataConfig
+from jaxlm.data import corpus, orders, prepare, sources, tokenizer
 from jaxlm.domain import fraction
+from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
 
@@ -79,16 +90,73 @@ def parse_args(argv):
         help="tokens per shard (a shard closes at the next document end)",
     )
     prep.add_argument("--workers", type=cli.COUNT, help="tokenizing processes (default: all cores)")
+    prep.add_argument(
+        "--format",
+        choices=("jaxlm", "megatron"),
+        default="jaxlm",
+        help="jaxlm: shards in DIR with a validation split; megatron: Megatron-LM's PREFIX.bin "
+        "and PREFIX.idx (split at training time by data.split)",
+    )
+
+    look = commands.add_parser("inspect", help="documents, tokens, dtype and tokenizer of a source")
+    look.add_argument("source", help="a prepared directory, megatron:PREFIX, or a blend")
+    look.add_argument("--split", default=None, help="Megatron split string (data.split)")
+
+    samp = commands.add_parser("samples", help="write the first N training samples as .npy")
+    samp.add_argument("--source", required=True, help="as data.source (a blend in quotes)")
+    samp.add_argument("--seq-len", type=cli.COUNT, required=True, help="as train.seq_len")
+    samp.add_argument("--seed", type=int, default=0, help="as train.seed")
+    samp.add_argument(
+        "--count",
+        type=cli.COUNT,
+        required=True,
+        help="samples to write; also the run's sample count, which Megatron's order depends on",
+    )
+    samp.add_argument("--order", choices=("jaxlm", "megatron"), default="jaxlm")
+    samp.add_argument("--split", default=None, help="Megatron split string (data.split)")
+    samp.add_argument("--cache-dir", default=None, help="as data.cache_dir")
+    samp.add_argument("--out", type=pathlib.Path, required=True, metavar="FILE.npy")
     return p.parse_args(argv)
+
+
+def data_config(args) -> DataConfig:
+    """The `data` settings the arguments name, checked against their domains."""
+    overrides = [f"data.source={args.source}"]
+    for key in ("order", "split", "cache_dir"):
+        if getattr(args, key, None) is not None:
+            overrides.append(f"data.{key}={getattr(args, key)}")
+    return config_lib.validate(config_lib.apply_overrides(config_lib.Config(), overrides)).data
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
-        cli.check_writable(args.out, "--out", directory=args.command == "prepare")
+        if args.command == "inspect":
+            for row in sources.describe(data_config(args)):
+                print(json.dumps(row))
+            return
+        if args.command == "samples":
+            cli.check_writable(args.out, "--out")
+            data = data_config(args)
+            found = sources.resolve(data, None)
+            if found is None:
+                raise UsageError("synthetic batches are made on the devices: name a real source")
+            order = orders.make_order(
+                found, "train", data, seq_len=args.seq_len, seed=args.seed, num_samples=args.count
+            )
+            if len(order) < args.count:
+                raise UsageError(f"the source has {len(order):,} samples, fewer than --count")
+            samples = np.stack([np.concatenate(order.window(i)) for i in range(args.count)])
+            np.save(args.out, samples.astype(np.int32))
+            log.info("wrote %d samples of %d tokens to %s", *samples.shape, args.out)
+            return
+        megatron = args.command == "prepare" and args.format == "megatron"
+        cli.check_writable(args.out, "--out", directory=args.command == "prepare" and not megatron)
         inputs = corpus.resolve_inputs(args.input, args.jsonl_field)
-        if args.command == "tokenizer":
+        if megatron:
+            prepare.prepare_megatron(inputs, args.tokenizer, args.out, workers=args.workers)
+        elif args.command == "tokenizer":
             tokenizer.train(
                 inputs.documents(), args.vocab_size, args.out, max_sentences=args.max_sentences
             )

@@ -1,23 +1,25 @@
 """Where training's batches come from: `data.source` resolved, checked and read as global
 batches. Knows shapes and the batch sharding, never the model.
 
-`data.source` picks the source:
+`data.source` picks the source (jaxlm/data/sources.py), or a weighted blend of several:
 - `stdlib` (default): the interpreter's standard library, tokenized once into a cache;
 - a directory made by `python -m jaxlm.data prepare`;
+- `megatron:PREFIX`: a Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx);
 - `synthetic`: random Markov-chain walks generated on the devices (tests, benchmarks).
+`data.order` picks jaxlm's order of samples or Megatron's (jaxlm/data/orders.py).
 """
 
-import pathlib
 from typing import Protocol
 
 import jax
+from jax.experimental import multihost_utils
 
 from jaxlm.config import Config
-from jaxlm.data import shards, stdlib, tokenizer
+from jaxlm.data import sources as sources_lib
+from jaxlm.data.orders import make_order
 from jaxlm.data.pipeline import GlobalBatches, PackedBatches
-from jaxlm.data.shards import PreparedSplit
+from jaxlm.data.sources import Source
 from jaxlm.data.synthetic import SyntheticBatches
-from jaxlm.errors import UsageError
 
 
 class Batches(Protocol):
@@ -33,58 +35,62 @@ class Batches(Protocol):
 
     def set_state(self, state: dict) -> None: ...
 
-
-def resolve_source(cfg: Config) -> pathlib.Path | None:
-    """The prepared directory the config trains on (None for synthetic), checked against the
-    model: its vocabulary must fit and, if `data.tokenizer` is set, its tokenizer must match."""
-    source = cfg.data.source
-    if source == "synthetic":
-        return None
-    directory = stdlib.dataset(cfg.model.vocab_size) if source == "stdlib" else pathlib.Path(source)
-    if source != "stdlib" and not directory.is_dir():
-        raise UsageError(f"data.source '{source}' is neither 'stdlib', 'synthetic' nor a directory")
-    manifest = shards.read_manifest(directory)
-    if manifest["vocab_size"] > cfg.model.vocab_size:
-        raise UsageError(
-            f"{directory} was tokenized with a vocabulary of {manifest['vocab_size']}, larger "
-            f"than the model's model.vocab_size={cfg.model.vocab_size}"
-        )
-    if cfg.data.tokenizer:
-        tokenizer.load(cfg.data.tokenizer)  # refuses a missing or invalid file
-        wanted = tokenizer.fingerprint(cfg.data.tokenizer)
-        if wanted != manifest["tokenizer_sha256"]:
-            raise UsageError(
-                f"{directory} was made with tokenizer {manifest['tokenizer_sha256'][:12]}, not "
-                f"with data.tokenizer={cfg.data.tokenizer} ({wanted[:12]})"
-            )
-    return directory
+    def taken(self) -> dict[str, int]:
+        """Tokens taken from each source of a blend so far (empty for one source)."""
 
 
-def make_batches(cfg: Config, sharding, *, split: str = "train", directory=None) -> Batches:
-    """The global batches of `split`, laid out by `sharding`.
+def resolve_source(cfg: Config) -> list[Source] | None:
+    """The sources the config trains on (None for synthetic), checked against the model
+    (jaxlm/data/sources.py)."""
+    return sources_lib.resolve(cfg.data, cfg.model.vocab_size)
 
-    `split="val"` gives the held-out batches in a fixed order (no shuffling).
+
+def make_batches(
+    cfg: Config, sharding, *, split: str = "train", sources=None, only: str | None = None
+) -> Batches:
+    """The global batches of `split`, laid out by `sharding`, from `sources` (resolve_source).
+
+    `split="val"` gives the held-out batches in a fixed order (jaxlm's order: no shuffling).
+    `only` names one source of a blend to read alone (per-source validation).
     """
     train = split == "train"
+    t = cfg.train
     if cfg.data.source == "synthetic":
         return SyntheticBatches(
-            batch_size=cfg.train.global_batch_size,
-            seq_len=cfg.train.seq_len,
+            batch_size=t.global_batch_size,
+            seq_len=t.seq_len,
             vocab_size=cfg.model.vocab_size,
-            seed=cfg.train.seed,
+            seed=t.seed,
             sharding=sharding,
             draws=0 if train else 1,  # validation: the training chain, other walks
         )
-    directory = directory or resolve_source(cfg)
+    sources = sources if sources is not None else resolve_source(cfg)
+    if only is not None:
+        sources = [s for s in sources if s.name == only]
+    batches = t.steps if train else t.eval_batches
+    order = make_order(
+        sources,
+        split,
+        cfg.data,
+        seq_len=t.seq_len,
+        seed=t.seed,
+        num_samples=batches * t.global_batch_size,
+        process_index=jax.process_index(),
+        wait=_barrier("jaxlm-data-index") if jax.process_count() > 1 else None,
+    )
     source = PackedBatches(
-        PreparedSplit(directory, split, verify=cfg.data.verify),
-        seq_len=cfg.train.seq_len,
-        global_batch=cfg.train.global_batch_size,
-        seed=cfg.train.seed,
-        shuffle=train,
+        order,
+        global_batch=t.global_batch_size,
         segments=not cfg.data.cross_document_attention,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         name=split,
     )
     return GlobalBatches(source, sharding, threads=cfg.data.threads, prefetch=cfg.data.prefetch)
+
+
+def _barrier(name: str):
+    def wait():
+        multihost_utils.sync_global_devices(name)
+
+    return wait

@@ -1,82 +1,72 @@
-"""The input pipeline: prepared shards -> shuffled documents -> packed windows -> global batches.
+"""The input pipeline: documents -> an order of windows -> global batches -> jax.Arrays.
 
-    PreparedSplit          memory-mapped documents (jaxlm/data/shards.py)
-      -> shuffle           a seeded permutation of the documents, new each epoch
-      -> pack              the shuffled documents as one stream, cut into windows of
-                           seq_len + 1 tokens; a document may run into the next window
+    Documents              one split of one source, memory-mapped: a prepared directory
+                           (shards.PreparedSplit) or a Megatron prefix (sources.MegatronSplit)
+      -> order             windows of seq_len + 1 tokens, each a list of pieces of documents:
+         PackedOrder       jaxlm's (data.order=jaxlm): documents shuffled anew each epoch and
+                           packed into windows that do not overlap
+         GPTOrder          Megatron-LM's (data.order=megatron, jaxlm/data/megatron_order.py)
+         BlendedOrder      several sources' orders, in the proportion of their weights
       -> this process's rows   row r of global batch b is window b * B + r; process p of n
                            reads only rows [p B/n, (p+1) B/n)
       -> grain             MapDataset over batch indices, read ahead by threads; its iterator
                            state (the next batch index) is what a checkpoint saves
       -> jax.Array         jax.make_array_from_process_local_data on the batch sharding
 
-Packing is random access (like Megatron's sample index): cumulative document lengths in the
-epoch's order locate any window's documents with a binary search, so a process touches only
-the tokens of its own rows, and the global batch is the same whatever the number of processes.
+Every order is random access (like Megatron's sample index): cumulative document lengths in
+the stream's order locate any window's documents with a binary search, so a process touches
+only the tokens of its own rows, and the global batch is the same whatever the number of
+processes.
 
 Each window carries segment ids (1, 2, ... for the pieces of documents in it) and positions
 (restarting at 0 in each piece), so with `data.cross_document_attention=false` a token attends
 only to earlier tokens of its own document.
 """
 
-import functools
-
 import grain
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxlm.data.shards import PreparedSplit
+from jaxlm.data.orders import BlendedOrder
 from jaxlm.errors import UsageError
-
-_EPOCHS = 1 << 20  # the index space of a training run: far more epochs than any run takes
 
 
 class PackedBatches:
-    """A grain data source: element i is this process's rows of global batch i, as NumPy."""
+    """A grain data source: element i is this process's rows of global batch i, as NumPy; row r
+    of global batch b is window b * B + r of the order."""
 
     def __init__(
         self,
-        split: PreparedSplit,
+        order,
         *,
-        seq_len: int,
         global_batch: int,
-        seed: int,
-        shuffle: bool = True,
         segments: bool = True,
         process_index: int = 0,
         process_count: int = 1,
         name: str = "train",
     ):
-        self.split, self.window = split, seq_len + 1
-        self.global_batch, self.seed, self.shuffle, self.segments = (
-            global_batch,
-            seed,
-            shuffle,
-            segments,
-        )
+        self.order, self.global_batch, self.segments = order, global_batch, segments
         if global_batch % process_count:
             raise UsageError(
                 f"the global batch of {global_batch} does not divide over {process_count} processes"
             )
         self.rows = global_batch // process_count
         self.first_row = process_index * self.rows
-        self.batches_per_epoch = split.num_tokens // self.window // global_batch
-        if self.batches_per_epoch == 0:
+        self.batches = len(order) // global_batch
+        if order.one_pass < global_batch:
             raise UsageError(
-                f"the {name} split of {split.directory} has {split.num_tokens:,} tokens, fewer "
-                f"than one global batch of {global_batch} x {self.window}: use a smaller batch "
-                f"or sequence, or more data"
+                f"the {name} data holds {order.one_pass:,} windows of {order.seq_len + 1} tokens, "
+                f"fewer than one global batch of {global_batch}: use a smaller batch or "
+                f"sequence, or more data"
             )
 
     def __len__(self) -> int:
-        return self.batches_per_epoch * (_EPOCHS if self.shuffle else 1)
+        return self.batches
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        epoch, batch = divmod(index, self.batches_per_epoch)
-        order, ends = self._epoch(epoch)
-        first_window = batch * self.global_batch + self.first_row
-        rows = [self._window(order, ends, first_window + r) for r in range(self.rows)]
+        first_window = index * self.global_batch + self.first_row
+        rows = [_row(self.order.window(first_window + r)) for r in range(self.rows)]
         tokens, segments, positions = (np.stack(x) for x in zip(*rows, strict=True))
         batch = {
             "inputs": tokens[:, :-1],
@@ -87,33 +77,21 @@ class PackedBatches:
             batch["segments"], batch["positions"] = segments[:, :-1], positions[:, :-1]
         return batch
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 (two epochs, as long-lived as the iterator)
-    def _epoch(self, epoch: int):
-        """Document order of an epoch and the cumulative end of each document in its stream."""
-        n = len(self.split)
-        order = (
-            np.random.default_rng([self.seed, epoch]).permutation(n)
-            if self.shuffle
-            else np.arange(n)
-        )
-        return order, np.cumsum(self.split.doc_length[order])
+    def taken(self, batches: int) -> dict[str, int]:
+        """Tokens (targets) taken from each source of a blend in the first `batches` batches."""
+        if not isinstance(self.order, BlendedOrder):
+            return {}
+        taken = self.order.taken(batches * self.global_batch)
+        return {name: count * self.order.seq_len for name, count in taken.items()}
 
-    def _window(self, order, ends, window: int):
-        start, stop = window * self.window, (window + 1) * self.window
-        tokens = np.empty(self.window, np.int32)
-        segments = np.empty(self.window, np.int32)
-        positions = np.empty(self.window, np.int32)
-        k = int(np.searchsorted(ends, start, side="right"))  # first document ending after start
-        filled, segment = 0, 1
-        while filled < self.window:
-            doc_start = ends[k] - self.split.doc_length[order[k]]
-            lo, hi = start + filled - doc_start, min(stop, ends[k]) - doc_start
-            n = hi - lo
-            tokens[filled : filled + n] = self.split.read(order[k], lo, hi)
-            segments[filled : filled + n] = segment
-            positions[filled : filled + n] = np.arange(n)
-            filled, segment, k = filled + n, segment + 1, k + 1
-        return tokens, segments, positions
+
+def _row(pieces: list[np.ndarray]):
+    """Tokens, segment ids (1, 2, ... per piece) and positions (from 0 in each piece)."""
+    lengths = [len(p) for p in pieces]
+    tokens = np.concatenate(pieces).astype(np.int32, copy=False)
+    segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    return tokens, segments, positions
 
 
 class GlobalBatches:
@@ -143,6 +121,9 @@ class GlobalBatches:
         # an intended copy to the devices (the training loop forbids implicit ones)
         with jax.transfer_guard_host_to_device("allow"):
             return jax.make_array_from_process_local_data(self.sharding, local, shape)
+
+    def taken(self) -> dict[str, int]:
+        return self.source.taken(self.position)
 
     def get_state(self) -> dict:
         return {"position": self.position, "grain": self._iterator.get_state()}

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxlm.data import indexed
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.corpus import Document, Inputs
 from jaxlm.errors import UsageError
@@ -308,3 +309,47 @@ class _Progress:
     def __exit__(self, *exc):
         if self._bar:
             self._bar.stop()
+
+
+def prepare_megatron(
+    inputs: Inputs, tokenizer_path: pathlib.Path, prefix: pathlib.Path, *, workers=None
+) -> dict:
+    """Tokenize `inputs` into one Megatron-LM indexed dataset, PREFIX.bin + PREFIX.idx, one
+    EOS-terminated sequence per document (Megatron's preprocess_data.py with --append-eod);
+    Megatron splits it by its --split, jaxlm by data.split. PREFIX.jaxlm.json records the
+    tokenizer, which Megatron's files do not."""
+    sp = tokenizer_lib.load(tokenizer_path)
+    dtype = indexed.token_dtype(sp.vocab_size())
+    started = time.perf_counter()
+
+    def documents():
+        with _Progress(inputs.total_bytes) as progress, _Encoder(tokenizer_path, workers) as encode:
+            batch = []
+            for document in inputs.documents():
+                batch.append(document.text)
+                if len(batch) >= _BATCH_DOCUMENTS:
+                    yield from encode(batch)
+                    progress.update(inputs.bytes_read)
+                    batch = []
+            yield from encode(batch)
+            progress.update(inputs.bytes_read)
+
+    counts = indexed.write(prefix, documents(), dtype)
+    if not counts["documents"]:
+        raise UsageError(f"the inputs hold no text: {len(inputs.files)} files")
+    info = {
+        "tokenizer_sha256": tokenizer_lib.fingerprint(tokenizer_path),
+        "vocab_size": sp.vocab_size(),
+        "eos_id": sp.eos_id(),
+        **counts,
+    }
+    _write_atomic(pathlib.Path(f"{prefix}.jaxlm.json"), json.dumps(info, indent=2))
+    log.info(
+        "wrote %s documents, %s tokens (%s) to %s.bin/.idx in %.1f s",
+        f"{counts['documents']:,}",
+        f"{counts['tokens']:,}",
+        dtype.name,
+        prefix,
+        time.perf_counter() - started,
+    )
+    return info

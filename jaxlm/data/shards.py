@@ -50,6 +50,13 @@ class PreparedSplit:
         self.doc_start = np.concatenate(start) if start else empty
         self.doc_length = np.concatenate(length) if length else empty
         self.num_tokens = int(self.doc_length.sum())
+        # what names this split in a cache of indices built over it (megatron_order.GPTOrder)
+        self.identity = {
+            "directory": str(self.directory.resolve()),
+            "split": split,
+            "shards": self.manifest["shards"][split],
+            "tokens": self.num_tokens,
+        }
 
     def __len__(self) -> int:
         return len(self.doc_length)

@@ -50,6 +50,9 @@ class SyntheticBatches:
         self.position += 1
         return batch
 
+    def taken(self) -> dict[str, int]:
+        return {}  # one source
+
     def get_state(self) -> dict:
         return {"position": self.position}
 
