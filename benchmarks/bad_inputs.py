@@ -22,7 +22,10 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import yaml
+
+from jaxlm.data import indexed
 
 TINY = ["--config", "tiny", "train.steps=2", "data.source=synthetic", "log.tensorboard=false"]
 
@@ -82,6 +85,20 @@ CASES = {
     "misspelt key": train("trian.steps=5"),
     "empty mesh": train("mesh="),
     "missing data directory": train("data.source=nowhere"),
+    # blends and Megatron datasets
+    "negative blend weight": train("data.source=-1 megatron:mega 1 foreign"),
+    "NaN blend weight": train("data.source=nan megatron:mega 1 foreign"),
+    "blend weights all zero": train("data.source=0 megatron:mega 0 foreign"),
+    "blend names a source twice": train("data.source=1 megatron:mega 1 megatron:mega"),
+    "Megatron prefix without .bin": train("data.source=megatron:nobin"),
+    "Megatron prefix without .idx": train("data.source=megatron:noidx"),
+    "Megatron index of another format": train("data.source=megatron:badmagic"),
+    "Megatron index of version 2": train("data.source=megatron:version2"),
+    "Megatron dtype code 9": train("data.source=megatron:dtype9"),
+    "Megatron .bin shorter than its index": train("data.source=megatron:short"),
+    "Megatron tokens beyond the vocabulary": train("data.source=megatron:bigvocab"),
+    "split with no shares": train("data.source=megatron:mega", "data.split=0,0,0"),
+    "inspect nowhere": ["data", "inspect", "megatron:nowhere"],
     # the command line of train
     "zero CPU devices": train("--cpu-devices", "0"),
     "mesh that does not fit": train("--mesh", "dp=3"),
@@ -214,6 +231,34 @@ def make_workspace(root: pathlib.Path, env: dict) -> None:
     (root / "a-file").write_text("")
     (root / "listless.json").write_text("{}")
     (root / "text.txt").write_text("def hello():\n    print('hello')\n" * 50)
+    make_megatron_traps(root, vocab)
+
+
+def make_megatron_traps(root: pathlib.Path, vocab: int) -> None:
+    """A good Megatron prefix `mega` and damaged copies of it, one fault each."""
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(1, vocab, rng.integers(50, 500)) for _ in range(400)]
+    indexed.write(root / "mega", documents, np.uint16)
+    indexed.write(root / "bigvocab", [np.array([1, 2, vocab + 5])] * 400, np.uint16)
+
+    def copy(name, patch=None, *, drop=None, cut=0):
+        for suffix in (".bin", ".idx"):
+            if suffix != drop:
+                shutil.copyfile(root / f"mega{suffix}", root / f"{name}{suffix}")
+        if patch:
+            with open(root / f"{name}.idx", "r+b") as f:
+                f.seek(patch[0])
+                f.write(patch[1])
+        if cut:
+            with open(root / f"{name}.bin", "r+b") as f:
+                f.truncate((root / f"{name}.bin").stat().st_size - cut)
+
+    copy("nobin", drop=".bin")
+    copy("noidx", drop=".idx")
+    copy("badmagic", (0, b"NOTMAGIC!"))
+    copy("version2", (9, (2).to_bytes(8, "little")))
+    copy("dtype9", (17, bytes([9])))
+    copy("short", cut=10)
 
 
 def snapshot(root: pathlib.Path) -> dict:

@@ -112,10 +112,21 @@ def parse_args(argv):
         required=True,
         help="samples to write; also the run's sample count, which Megatron's order depends on",
     )
-    samp.add_argument("--order", choices=("jaxlm", "megatron"), default="jaxlm")
+    samp.add_argument(
+        "--order",
+        choices=("jaxlm", "megatron"),
+        default="jaxlm",
+        help="as data.order: jaxlm's packing, or Megatron GPTDataset's samples (default jaxlm)",
+    )
     samp.add_argument("--split", default=None, help="Megatron split string (data.split)")
     samp.add_argument("--cache-dir", default=None, help="as data.cache_dir")
-    samp.add_argument("--out", type=pathlib.Path, required=True, metavar="FILE.npy")
+    samp.add_argument(
+        "--out",
+        type=pathlib.Path,
+        required=True,
+        metavar="FILE.npy",
+        help="int32 [count, seq_len + 1]: each sample's inputs and, shifted by one, its targets",
+    )
     return p.parse_args(argv)
 
 

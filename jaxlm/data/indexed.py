@@ -14,6 +14,7 @@ Opening reads and checks the index only; the `.bin` is memory-mapped on the firs
 blend of hundreds of prefixes holds open files and pages only for the prefixes it reads.
 """
 
+import functools
 import os
 import pathlib
 import struct
@@ -57,55 +58,78 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class IndexedDataset:
-    """One Megatron prefix: its sequences by index, tokens read lazily from the `.bin`."""
+    """One Megatron prefix: its sequences by index, tokens read lazily from the `.bin`.
+
+    Opening reads the header and checks the files' sizes against it, and keeps nothing open:
+    the index arrays and the tokens are memory-mapped when first used."""
 
     def __init__(self, prefix):
         self.prefix = str(prefix)
         for path in (idx_path(prefix), bin_path(prefix)):
             if not path.is_file():
                 raise UsageError(f"the Megatron dataset {prefix} has no {path.name} ({path})")
-        index = np.memmap(idx_path(prefix), dtype=np.uint8, mode="r")
-        if index.size < _HEADER.size:
-            raise UsageError(f"{idx_path(prefix)} is too short to be a Megatron index")
-        magic, version, code, sequences, documents = _HEADER.unpack(index[: _HEADER.size])
-        if magic != MAGIC:
-            raise UsageError(f"{idx_path(prefix)} is not a Megatron index (its magic is {magic!r})")
-        if version != VERSION:
-            raise UsageError(f"{idx_path(prefix)} has index version {version}; jaxlm reads 1")
-        if code not in DTYPES:
-            raise UsageError(f"{idx_path(prefix)} has an unknown dtype code {code}")
-        self.dtype = np.dtype(DTYPES[code])
-        need = _HEADER.size + sequences * (4 + 8) + documents * 8
-        if index.size < need:
-            raise UsageError(
-                f"{idx_path(prefix)} is truncated: {index.size} bytes where its header promises "
-                f"{need}"
-            )
-        offset = _HEADER.size
-        self.sequence_lengths = np.frombuffer(index, np.int32, sequences, offset)
-        offset += self.sequence_lengths.nbytes
-        self.sequence_pointers = np.frombuffer(index, np.int64, sequences, offset)
-        offset += self.sequence_pointers.nbytes
-        self.document_indices = np.frombuffer(index, np.int64, documents, offset)
-        end = (
-            int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
-            if sequences
-            else 0
-        )
+        path = idx_path(prefix)
+        with open(path, "rb") as f:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                raise UsageError(f"{path} is too short to be a Megatron index")
+            magic, version, code, sequences, documents = _HEADER.unpack(header)
+            if magic != MAGIC:
+                raise UsageError(f"{path} is not a Megatron index (its magic is {magic!r})")
+            if version != VERSION:
+                raise UsageError(f"{path} has index version {version}; jaxlm reads 1")
+            if code not in DTYPES:
+                raise UsageError(f"{path} has an unknown dtype code {code}")
+            self.dtype = np.dtype(DTYPES[code])
+            self._count, self._documents = sequences, documents
+            need = _HEADER.size + sequences * (4 + 8) + documents * 8
+            size = path.stat().st_size
+            if size < need:
+                raise UsageError(
+                    f"{path} is truncated: {size:,} bytes where its header promises {need:,}"
+                )
+            end = 0
+            if sequences:  # the last sequence's length and pointer say where the tokens end
+                f.seek(_HEADER.size + (sequences - 1) * 4)
+                (last_length,) = struct.unpack("<i", f.read(4))
+                f.seek(_HEADER.size + sequences * 4 + (sequences - 1) * 8)
+                (last_pointer,) = struct.unpack("<q", f.read(8))
+                end = last_pointer + last_length * self.dtype.itemsize
         size = bin_path(prefix).stat().st_size
         if size < end:
             raise UsageError(
                 f"{bin_path(prefix)} is shorter than its index says: {size:,} bytes where "
                 f"{end:,} are indexed"
             )
-        self._tokens: np.memmap | None = None
 
     def __len__(self) -> int:
-        return len(self.sequence_lengths)
+        return self._count
+
+    @functools.cached_property
+    def _index(self) -> np.memmap:
+        return np.memmap(idx_path(self.prefix), dtype=np.uint8, mode="r")
+
+    @functools.cached_property
+    def sequence_lengths(self) -> np.ndarray:
+        return np.frombuffer(self._index, np.int32, self._count, _HEADER.size)
+
+    @functools.cached_property
+    def sequence_pointers(self) -> np.ndarray:
+        offset = _HEADER.size + self._count * 4
+        return np.frombuffer(self._index, np.int64, self._count, offset)
+
+    @functools.cached_property
+    def document_indices(self) -> np.ndarray:
+        offset = _HEADER.size + self._count * 12
+        return np.frombuffer(self._index, np.int64, self._documents, offset)
+
+    @functools.cached_property
+    def _tokens(self) -> np.memmap:
+        return np.memmap(bin_path(self.prefix), dtype=self.dtype, mode="r")
 
     @property
     def num_documents(self) -> int:
-        return max(len(self.document_indices) - 1, 0)
+        return max(self._documents - 1, 0)
 
     @property
     def num_tokens(self) -> int:
@@ -113,16 +137,12 @@ class IndexedDataset:
 
     def read(self, sequence: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Tokens [start, stop) of a sequence, a view of the memory-mapped `.bin`."""
-        if self._tokens is None:
-            self._tokens = np.memmap(bin_path(self.prefix), dtype=self.dtype, mode="r")
         base = int(self.sequence_pointers[sequence]) // self.dtype.itemsize
         stop = int(self.sequence_lengths[sequence]) if stop is None else stop
         return self._tokens[base + start : base + stop]
 
     def max_token(self, chunk: int = 1 << 24) -> int:
         """The largest token id in the `.bin` (read through once, a chunk at a time)."""
-        if self._tokens is None:
-            self._tokens = np.memmap(bin_path(self.prefix), dtype=self.dtype, mode="r")
         end = self.num_tokens  # the indexed tokens; anything after them is not read
         return max(
             (int(self._tokens[i : i + chunk].max()) for i in range(0, end, chunk)), default=-1
@@ -139,7 +159,7 @@ def write(prefix, documents, dtype) -> dict:
     low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
     prefix = pathlib.Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = (pathlib.Path(f"{p}.tmp") for p in (bin_path(prefix), idx_path(prefix)))
+    tmp_bin = pathlib.Path(f"{bin_path(prefix)}.tmp")
     lengths = []
     with open(tmp_bin, "wb") as out:
         for document in documents:
@@ -148,14 +168,22 @@ def write(prefix, documents, dtype) -> dict:
                 raise UsageError(f"token ids of {prefix} do not fit its dtype {dtype}")
             out.write(tokens.astype(dtype, copy=False).tobytes())
             lengths.append(tokens.size)
+    os.replace(tmp_bin, bin_path(prefix))
     lengths = np.asarray(lengths, np.int32)
+    write_index(prefix, lengths, dtype)
+    return {"documents": len(lengths), "tokens": int(lengths.sum(dtype=np.int64))}
+
+
+def write_index(prefix, lengths: np.ndarray, dtype) -> None:
+    """PREFIX.idx for sequences of `lengths` stored back to back in PREFIX.bin, one sequence per
+    document; written under a temporary name and renamed."""
+    dtype, lengths = np.dtype(dtype), np.asarray(lengths, np.int32)
     pointers = np.zeros(len(lengths), np.int64)
     np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
-    with open(tmp_idx, "wb") as out:
+    tmp = pathlib.Path(f"{idx_path(prefix)}.tmp")
+    with open(tmp, "wb") as out:
         out.write(_HEADER.pack(MAGIC, VERSION, _CODES[dtype], len(lengths), len(lengths) + 1))
         out.write(lengths.tobytes())
         out.write(pointers.tobytes())
         out.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
-    os.replace(tmp_bin, bin_path(prefix))
-    os.replace(tmp_idx, idx_path(prefix))
-    return {"documents": len(lengths), "tokens": int(lengths.sum(dtype=np.int64))}
+    os.replace(tmp, idx_path(prefix))

@@ -21,6 +21,7 @@ The three arrays are cached as .npy next to the data (PREFIX's directory/cache/)
 temporary names with the description last, and memory-mapped by every process.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "969,30,1"
 _FINAL_EPOCH_THRESHOLD = 0.80  # Megatron's: a final epoch used less than this is shuffled apart
 _VERSION = 1  # of the cached files' layout
+_ARRAYS = ("doc_index", "doc_ends", "shuffle")
 
 
 class SplitText:
@@ -150,7 +152,8 @@ class GPTOrder:
 
     `documents` is the split (pipeline.Documents: a Megatron prefix's sequences in the
     `data.split` range, or a prepared directory's split); its `identity` names it in the cache.
-    Process 0 builds (`build_here`) and the others `wait` for it before they read."""
+    Process 0 builds the index if the cache lacks it (`build_here`), every process then `wait`s
+    for it, and the arrays are memory-mapped when the first sample is read."""
 
     def __init__(
         self,
@@ -171,11 +174,9 @@ class GPTOrder:
             "num_samples": num_samples,
             "seed": seed,
         }
-        text = json.dumps(description, sort_keys=True)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        base = pathlib.Path(cache_dir) / f"gpt-order-{digest}"
-        names = ("doc_index", "doc_ends", "shuffle")
-        paths = {name: pathlib.Path(f"{base}-{name}.npy") for name in names}
+        digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+        base = pathlib.Path(cache_dir) / f"gpt-order-{digest[:16]}"
+        self._paths = {name: pathlib.Path(f"{base}-{name}.npy") for name in _ARRAYS}
         marker = pathlib.Path(f"{base}-description.json")
         if build_here and not marker.is_file():
             arrays = build(
@@ -191,43 +192,41 @@ class GPTOrder:
                 for name, array in arrays.items():
                     tmp = pathlib.Path(f"{base}-{name}.tmp.npy")
                     np.save(tmp, array)
-                    os.replace(tmp, paths[name])
-                marker.write_text(text)  # last: the index is complete
+                    os.replace(tmp, self._paths[name])
+                samples = len(arrays["shuffle"])
+                # last: the index is complete
+                marker.write_text(json.dumps({**description, "samples": samples}, indent=1))
             except OSError as e:
                 raise UsageError(
                     f"cannot write the Megatron-order index to {base.parent} ({e.strerror}): "
                     f"set data.cache_dir to a writable directory"
                 ) from None
-            log.info(
-                "built the Megatron-order index (%d samples) in %s",
-                len(arrays["shuffle"]),
-                base.parent,
-            )
+            log.info("built the Megatron-order index (%d samples) in %s", samples, base.parent)
         if wait is not None:
             wait()  # the other processes read what process 0 wrote
-        if not marker.is_file():
+        try:
+            self.one_pass = json.loads(marker.read_text())["samples"]
+        except (OSError, ValueError, KeyError):
             raise UsageError(
-                f"the Megatron-order index {base}-* is missing: process 0 did not "
+                f"the Megatron-order index {marker} is missing or damaged: process 0 did not "
                 f"write it (is {base.parent} shared by all processes?)"
-            )
-        self.doc_index, self.doc_ends, self.shuffle = (
-            np.load(paths[name], mmap_mode="r") for name in names
-        )
+            ) from None
 
     def __len__(self) -> int:
-        return len(self.shuffle)
+        return self.one_pass
 
-    @property
-    def one_pass(self) -> int:
-        return len(self.shuffle)
+    @functools.cached_property
+    def _arrays(self):
+        return tuple(np.load(self._paths[name], mmap_mode="r") for name in _ARRAYS)
 
     def window(self, sample: int) -> list[np.ndarray]:
-        start = int(self.shuffle[sample]) * self.seq_len
+        doc_index, doc_ends, shuffle = self._arrays
+        start = int(shuffle[sample]) * self.seq_len
         stop = start + self.seq_len + 1
-        k = int(np.searchsorted(self.doc_ends, start, side="right"))
+        k = int(np.searchsorted(doc_ends, start, side="right"))
         pieces = []
         while start < stop:
-            document, doc_end = int(self.doc_index[k]), int(self.doc_ends[k])
+            document, doc_end = int(doc_index[k]), int(doc_ends[k])
             doc_start = doc_end - int(self.documents.doc_length[document])
             end = min(stop, doc_end)
             if end > start:

@@ -19,6 +19,7 @@ import numpy as np
 from jaxlm.data import sources as sources_lib
 from jaxlm.data.blend import BlendSchedule, normalize
 from jaxlm.data.megatron_order import GPTOrder
+from jaxlm.errors import UsageError
 
 _EPOCHS = 1 << 20  # the index space of a training run: far more epochs than any run takes
 _SURPLUS = 0.005  # Megatron's mid_level_dataset_surplus: each blended source builds this much more
@@ -77,19 +78,24 @@ class PackedOrder:
 
 class BlendedOrder:
     """Windows of several orders, taken in the proportion of their weights (blend.BlendSchedule):
-    window i is window j of source k, where the schedule gives (k, j)."""
+    window i is window j of source k, where the schedule gives (k, j).
 
-    def __init__(self, orders: list, schedule: BlendSchedule, names: list[str]):
-        self.orders, self.schedule, self.names = orders, schedule, names
-        self.seq_len = orders[0].seq_len
-        self.one_pass = sum(o.one_pass for o in orders)
+    The sources' orders are made by `factories` when a window is first read from them, so a blend
+    of hundreds of prefixes holds files and pages only for the sources it has read."""
+
+    def __init__(self, factories, schedule: BlendSchedule, names, *, seq_len, one_pass, length):
+        self._factories, self._orders = factories, [None] * len(factories)
+        self.schedule, self.names = schedule, names
+        self.seq_len, self.one_pass, self._length = seq_len, one_pass, length
 
     def __len__(self) -> int:
-        return min(len(o) for o in self.orders) * len(self.orders)  # bounded by the shortest
+        return self._length
 
     def window(self, index: int) -> list[np.ndarray]:
         (k,), (j,) = self.schedule.lookup([index])
-        return self.orders[k].window(int(j))
+        if self._orders[k] is None:
+            self._orders[k] = self._factories[k]()
+        return self._orders[k].window(int(j))
 
     def taken(self, windows: int) -> dict[str, int]:
         """Windows taken from each source among the first `windows`."""
@@ -114,7 +120,7 @@ def make_order(
     processes, for the Megatron indices that process 0 builds."""
     train = split == "train"
 
-    def one(source, samples):
+    def one(source, samples, wait):
         documents = sources_lib.open_split(source, split, data)
         if data.order == "megatron":
             return GPTOrder(
@@ -129,12 +135,28 @@ def make_order(
         return PackedOrder(documents, seq_len=seq_len, seed=seed, shuffle=train)
 
     if len(sources) == 1:
-        return one(sources[0], num_samples)
+        return one(sources[0], num_samples, wait)
     weights = normalize([s.weight for s in sources])
     # Megatron's per-source sample counts: ceil(ceil(N * w) * (1 + surplus))
     counts = [int(math.ceil(math.ceil(num_samples * w) * (1 + _SURPLUS))) for w in weights]
+    # Each source is made once now, to check it (and, for Megatron's order, so that process 0
+    # builds its index while the others wait, in one order on every process), then let go; the
+    # blend makes it again, without waiting, when it first reads from it.
+    one_pass = 0
+    for source, n in zip(sources, counts, strict=True):
+        order = one(source, n, wait)
+        if order.one_pass == 0:
+            raise UsageError(
+                f"the {split} split of {source.path} is shorter than one window of "
+                f"{seq_len + 1} tokens: use a shorter sequence or leave it out of the blend"
+            )
+        one_pass += order.one_pass
     return BlendedOrder(
-        [one(s, n) for s, n in zip(sources, counts, strict=True)],
+        [functools.partial(one, s, n, None) for s, n in zip(sources, counts, strict=True)],
         BlendSchedule([s.weight for s in sources]),
         [s.name for s in sources],
+        seq_len=seq_len,
+        one_pass=one_pass,
+        # Megatron's sources hold what the run's samples need; jaxlm's wrap into new epochs
+        length=num_samples if data.order == "megatron" else _EPOCHS * one_pass,
     )

@@ -11,6 +11,7 @@ No JAX here.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -99,7 +100,7 @@ def _check(source: Source, data, vocab: int | None) -> None:
         return
     if vocab is None:
         return
-    largest = max_token(indexed.IndexedDataset(source.path), cache_dir(source, data))
+    largest = max_token(indexed.IndexedDataset(source.path), cache_dir(source, data), vocab)
     if largest >= vocab:
         raise UsageError(
             f"the Megatron dataset {source.path} holds token id {largest}, outside the model's "
@@ -115,9 +116,10 @@ def cache_dir(source: Source, data) -> pathlib.Path:
     return home / "cache"
 
 
-def max_token(dataset: indexed.IndexedDataset, cache: pathlib.Path) -> int:
-    """The largest token id of a Megatron prefix: its dtype's bound when that is small enough,
-    else read through once and remembered in the cache (keyed by the files' sizes and times)."""
+def max_token(dataset: indexed.IndexedDataset, cache: pathlib.Path, limit=None) -> int:
+    """The largest token id of a Megatron prefix, read through once and remembered in the cache
+    (keyed by the files' sizes and times); not remembered when it is `limit` or more, so that a
+    refused run writes nothing."""
     bin_stat = os.stat(indexed.bin_path(dataset.prefix))
     idx_stat = os.stat(indexed.idx_path(dataset.prefix))
     key = [bin_stat.st_size, bin_stat.st_mtime_ns, idx_stat.st_size, idx_stat.st_mtime_ns]
@@ -129,6 +131,8 @@ def max_token(dataset: indexed.IndexedDataset, cache: pathlib.Path) -> int:
     except (OSError, ValueError, KeyError):
         pass
     largest = dataset.max_token()
+    if limit is not None and largest >= limit:
+        return largest
     try:
         cache.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": key, "max_token": largest}))
@@ -139,21 +143,27 @@ def max_token(dataset: indexed.IndexedDataset, cache: pathlib.Path) -> int:
 
 class MegatronSplit:
     """The sequences of a Megatron prefix in one split's range (Megatron's `data.split`), as
-    documents (pipeline.Documents)."""
+    documents (pipeline.Documents). Nothing is mapped until lengths or tokens are read."""
 
     def __init__(self, prefix, split: str, split_text: str):
         self.dataset = indexed.IndexedDataset(prefix)
         self.first, self.last = megatron_order.split_range(len(self.dataset), split_text, split)
         if self.last <= self.first:
             raise UsageError(f"data.split '{split_text}' leaves no {split} documents in {prefix}")
-        self.doc_length = self.dataset.sequence_lengths[self.first : self.last]
-        self.num_tokens = int(self.doc_length.sum(dtype=np.int64))
         idx = os.stat(indexed.idx_path(prefix))
         self.identity = {
             "prefix": os.path.abspath(prefix),
             "index": [idx.st_size, idx.st_mtime_ns],
             "range": [self.first, self.last],
         }
+
+    @functools.cached_property
+    def doc_length(self) -> np.ndarray:
+        return self.dataset.sequence_lengths[self.first : self.last]
+
+    @functools.cached_property
+    def num_tokens(self) -> int:
+        return int(self.doc_length.sum(dtype=np.int64))
 
     def __len__(self) -> int:
         return self.last - self.first
