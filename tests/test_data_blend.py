@@ -206,3 +206,22 @@ def test_a_megatron_vocabulary_larger_than_the_model_is_refused(tmp_path):
     indexed.write(tmp_path / "big", [np.array([1, 2, 600])], np.uint16)
     with pytest.raises(UsageError, match="token id 600, outside the model's vocabulary"):
         loader.resolve_source(tiny_config(f"data.source=megatron:{tmp_path / 'big'}"))
+
+
+def test_megatron_order_is_built_by_process_0_and_read_by_the_others(data, tmp_path):
+    from jaxlm.data import sources
+    from jaxlm.data.megatron_order import GPTOrder
+
+    documents = sources.MegatronSplit(data["megatron"], "train", "90,10,0")
+    kw = dict(seq_len=32, num_samples=100, seed=3, cache_dir=tmp_path)
+    with pytest.raises(UsageError, match="process 0 did not write it"):
+        GPTOrder(documents, build_here=False, **kw)  # nobody built it
+    built = []  # process 0 builds while this process waits at the barrier
+    other = GPTOrder(
+        documents, build_here=False, wait=lambda: built.append(GPTOrder(documents, **kw)), **kw
+    )
+    assert len(built) == 1 and len(other) == len(built[0]) >= 100
+    for i in (0, 1, 99):
+        np.testing.assert_array_equal(
+            np.concatenate(other.window(i)), np.concatenate(built[0].window(i))
+        )
