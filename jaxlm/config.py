@@ -20,11 +20,12 @@ from typing import Any, Literal
 import yaml
 
 from jaxlm import domain
-from jaxlm.data.blend import SourceText, to_text
-from jaxlm.data.megatron_order import DEFAULT_SPLIT, SplitText
+from jaxlm.data import blend
+from jaxlm.data.megatron_order import DEFAULT_SPLIT, parse_split
 from jaxlm.domain import (
     Duration,
     NonEmpty,
+    Parsed,
     Range,
     at_least,
     check_fields,
@@ -140,12 +141,22 @@ class DataConfig:
     # a directory made by `python -m jaxlm.data prepare`, "megatron:PREFIX" (Megatron-LM's
     # PREFIX.bin + .idx), "synthetic", or a blend: "0.7 megatron:/data/web 0.3 /data/code" (or a
     # YAML list of {source, weight}, or a mapping source: weight)
-    source: str = setting("stdlib", SourceText())
+    source: str = setting(
+        "stdlib",
+        Parsed(
+            blend.parse,
+            "a source, or pairs of positive weight and source",
+            ("", "0.5 a b", "-1 a 2 b", "nan a 1 b", "0 a 0 b", "1 a 1 a"),
+        ),
+    )
     # "jaxlm": documents shuffled each epoch, packed into windows that do not overlap;
     # "megatron": Megatron-LM GPTDataset's samples, token for token (jaxlm/data/megatron_order.py)
     order: Literal["jaxlm", "megatron"] = "jaxlm"
     # Megatron's train,validation,test split of a Megatron prefix's documents
-    split: str = setting(DEFAULT_SPLIT, SplitText())
+    split: str = setting(
+        DEFAULT_SPLIT,
+        Parsed(parse_split, "Megatron's split string, e.g. '969,30,1'", ("", "0,0,0", "1,2,3,4")),
+    )
     # where sample indices are cached (None: a cache/ directory beside the data)
     cache_dir: str | None = setting(None, NonEmpty())
     # if set, refuse shards that another tokenizer made
@@ -400,7 +411,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str, from_text: bool)
             )
         return value
     if annotation is str:
-        return to_text(value) if key == "data.source" else str(value)
+        return blend.to_text(value) if key == "data.source" else str(value)
     if from_text and isinstance(value, str):
         value = yaml.safe_load(value) if value else value
     if annotation is bool and isinstance(value, bool):

@@ -1,4 +1,5 @@
-"""The values a setting accepts, declared with the setting: `Range`, `NonEmpty`, `Duration`.
+"""The values a setting accepts, declared with the setting: `Range`, `NonEmpty`, `Duration`,
+`Parsed`.
 
 A config field carries its domain in its dataclass metadata (`config.setting`), and one walk
 over the fields (`check_fields`) refuses every out-of-domain value with one sentence that names
@@ -12,6 +13,7 @@ of every config, that a wrong value is refused: a key added later cannot skip th
 import dataclasses
 import math
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from jaxlm.errors import UsageError
@@ -88,7 +90,29 @@ class Duration:
         return ["soon", "-5", "1:2:3:4"]
 
 
-Domain = Range | NonEmpty | Duration
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    """Text that `parse` accepts; it raises UsageError for the rest (a blend, a split string)."""
+
+    parse: Callable[[Any], Any]
+    description: str
+    bad_examples: tuple = ()
+
+    def contains(self, value) -> bool:
+        try:
+            self.parse(value)
+        except UsageError:
+            return False
+        return True
+
+    def describe(self) -> str:
+        return self.description
+
+    def outside(self) -> list:
+        return list(self.bad_examples)
+
+
+Domain = Range | NonEmpty | Duration | Parsed
 
 
 def at_least(low: int) -> Range:

@@ -69,6 +69,11 @@ def test_the_blend_text_a_yaml_list_and_a_mapping_are_one_blend():
         blend.to_text({"megatron:/data/web": 0.7, "/data/code": 0.3})
     ) == blend.parse(text)
     assert blend.parse("/data/code") == [blend.Component("/data/code", 1.0)]
+    # in a YAML preset
+    from jaxlm import config as config_lib
+
+    cfg = config_lib.merge(config_lib.Config(), {"data": {"source": as_list}}, source="a preset")
+    assert blend.parse(config_lib.validate(cfg).data.source) == blend.parse(text)
 
 
 @pytest.mark.parametrize(

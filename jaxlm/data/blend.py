@@ -88,23 +88,6 @@ def to_text(value) -> str:
     return str(value)
 
 
-class SourceText:
-    """The domain of `data.source`: one source, or weight-source pairs (checked by `parse`)."""
-
-    def contains(self, value) -> bool:
-        try:
-            parse(value)
-        except UsageError:
-            return False
-        return True
-
-    def describe(self) -> str:
-        return "a source, or pairs of positive weight and source"
-
-    def outside(self) -> list:
-        return ["", "0.5 a b", "-1 a 2 b", "nan a 1 b", "0 a 0 b", "1 a 1 a"]
-
-
 def normalize(weights) -> np.ndarray:
     """Megatron's normalization (float64 division by the sum)."""
     w = np.asarray(weights, np.float64)

@@ -42,23 +42,6 @@ _VERSION = 1  # of the cached files' layout
 _ARRAYS = ("doc_index", "doc_ends", "shuffle")
 
 
-class SplitText:
-    """The domain of `data.split`: up to three non-negative numbers, not all zero."""
-
-    def contains(self, value) -> bool:
-        try:
-            parse_split(value)
-        except UsageError:
-            return False
-        return True
-
-    def describe(self) -> str:
-        return "Megatron's split string, e.g. '969,30,1'"
-
-    def outside(self) -> list:
-        return ["", "0,0,0", "1,2,3,4", "a,b"]
-
-
 def parse_split(text) -> list[tuple[float, float] | None]:
     """Megatron's split matrix: (low, high) fractions of train, validation and test (None when
     the split is empty), as `parse_and_normalize_split` and `convert_split_vector_to_split_matrix`
