@@ -34,6 +34,7 @@ from jaxlm.domain import (
     positive,
 )
 from jaxlm.errors import UsageError
+from jaxlm.watchdog import parse_timeout
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -121,6 +122,11 @@ class TrainConfig:
     loss_scale_period: int = setting(1000, at_least(1))
     # "HH:MM:SS" or seconds: then save and exit 75 to be requeued
     time_limit: str | None = setting(None, Duration())
+    # a phase of the loop (a step, a validation, a save) that lasts longer ends the process with
+    # exit code 76 (jaxlm/watchdog.py): seconds, or "auto" (20 x its median, at least 300 s)
+    step_timeout: str = setting(
+        "auto", Parsed(parse_timeout, "'auto' or positive seconds", ("0", "-5", "soon"))
+    )
     # bad steps in a row before rolling back to the last checkpoint
     max_bad_steps: int = setting(5, at_least(1))
     # a loss above mean + k sigma of the window is a bad step (0: off)
@@ -199,6 +205,9 @@ class DebugConfig:
     # poison the batch that step N of the run would consume
     nan_at_step: int | None = setting(None, at_least(1))
     nan_steps: int = setting(1, at_least(1))  # ... and this many batches after it
+    # process `hang_process` stops making progress before step N (the watchdog's test)
+    hang_at_step: int | None = setting(None, at_least(1))
+    hang_process: int = setting(0, at_least(0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,11 +8,16 @@ catch it, print the sentence to stderr and exit with `EXIT_USAGE`, before any co
 A run that stops early on request (SIGTERM, SIGUSR1, `train.time_limit`) saves a checkpoint at
 the step it finished and exits with `EXIT_PREEMPTED`, which requeue scripts look for: running the
 same command again continues the run.
+
+A process that stops making progress (stuck in a collective, a peer hung) is ended by the step
+watchdog (jaxlm/watchdog.py) with `EXIT_HUNG`: requeue scripts requeue without its node, and the
+run continues from its last checkpoint.
 """
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL in sysexits.h: "temporary failure, try again"
+EXIT_HUNG = 76  # the step watchdog: no progress within train.step_timeout
 
 
 class UsageError(Exception):

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -84,6 +85,8 @@ class Loop:
     metadata: dict  # saved with every checkpoint
     restore: "Callable[[], Restored | None]"  # the newest intact checkpoint
     accounting: "StepAccounting | None" = None  # MFU and energy per row
+    # tells the step watchdog (jaxlm/watchdog.py) which phase the loop is in: (phase, step, kind)
+    enter: Callable[..., None] = lambda phase, step, kind=None: None
 
     def run(self, state: "TrainState") -> "TrainState":
         t = self.cfg.train
@@ -130,6 +133,8 @@ class Loop:
         # implicit one would stall the dispatched steps, so it fails loudly instead.
         with jax.transfer_guard("disallow"):
             while step < t.steps:
+                self.enter("compiling" if first else f"step {step + 1}", step + 1, "step")
+                _maybe_hang(self.cfg, step + 1)
                 batch = poison(next(self.batches), self.batches.position)
                 limit = jax.device_put(np.float32(bad.loss_limit()), replicated)
                 dispatched = time.perf_counter()
@@ -149,16 +154,19 @@ class Loop:
                 _, stop_now = record(*pending)  # everything below needs the step finished
                 stop, pending = stop or stop_now, None
                 if bad.rollback_due and not stop:
+                    self.enter("rolling back", step, "saving")
                     state, step = self._roll_back(state, step, bad)
                     last_done = mark()
                     continue
                 if self.evaluate.due(step):
+                    self.enter("validating", step)
                     self.write(self.evaluate(state, step), prefix="val")
                 if save and bad.in_a_row and not (stop or step == t.steps):
                     # a rollback must land before the streak of bad steps
                     log.info("no checkpoint at step %d: inside a run of bad steps", step)
                     save = False
                 if (save or stop) and self.checkpoints:
+                    self.enter(f"saving checkpoint {step}", step, "saving")
                     self.checkpoints.save(
                         step, state, self.batches.get_state(), self.cfg, self.metadata, wait=stop
                     )
@@ -176,6 +184,7 @@ class Loop:
                 last_done = mark()  # the next step's time and energy exclude the above
         if pending:
             record(*pending)
+        self.enter("finishing", step, "saving")  # the last asynchronous save completes
         return state
 
     def _roll_back(self, state, step: int, bad: BadSteps):
@@ -214,6 +223,15 @@ class _StopVote:
         with jax.transfer_guard_host_to_device("allow"):  # intended: the vote goes to the devices
             flags = jax.make_array_from_process_local_data(self._flags, local, (self._size,))
         return self._any(flags)
+
+
+def _maybe_hang(cfg: Config, step: int) -> None:
+    """The debug.hang_at_step hook: this process stops making progress, as a stuck one would."""
+    if cfg.debug.hang_at_step == step and jax.process_index() == cfg.debug.hang_process:
+        log.warning(
+            "debug.hang_at_step: process %d hangs before step %d", jax.process_index(), step
+        )
+        threading.Event().wait()  # forever: only the watchdog ends this
 
 
 def _poisoner(cfg: Config, batch_sharding: NamedSharding):

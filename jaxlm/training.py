@@ -37,6 +37,7 @@ from jaxlm.loop import Loop
 from jaxlm.model import param_count
 from jaxlm.preemption import StopRequest
 from jaxlm.step import Program, abstract_state, build_program
+from jaxlm.watchdog import Watchdog, parse_timeout
 
 log = logging.getLogger("jaxlm")
 
@@ -78,6 +79,13 @@ def run(
 
     rows = []
     with contextlib.ExitStack() as closing:  # 7, in the reverse order of opening
+        watchdog = closing.enter_context(  # first, so it still watches the last save's end
+            Watchdog(
+                parse_timeout(cfg.train.step_timeout),
+                process_index=jax.process_index(),
+                on_hang=lambda row: metrics_log.write(row, prefix="events"),
+            )
+        )
         if checkpoints:
             closing.callback(checkpoints.close)
         metrics_log = metrics.MetricsLog(  # 5
@@ -114,6 +122,7 @@ def run(
             },
             restore=restore,
             accounting=step_accounting,
+            enter=watchdog.enter,
         ).run(state)
     return rows
 
