@@ -205,7 +205,8 @@ class DebugConfig:
     # poison the batch that step N of the run would consume
     nan_at_step: int | None = setting(None, at_least(1))
     nan_steps: int = setting(1, at_least(1))  # ... and this many batches after it
-    # process `hang_process` stops making progress before step N (the watchdog's test)
+    # process `hang_process` stops making progress before step N, in a run that did not resume
+    # (the watchdog's tests: a requeued run goes on)
     hang_at_step: int | None = setting(None, at_least(1))
     hang_process: int = setting(0, at_least(0))
 

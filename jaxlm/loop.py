@@ -85,8 +85,8 @@ class Loop:
     metadata: dict  # saved with every checkpoint
     restore: "Callable[[], Restored | None]"  # the newest intact checkpoint
     accounting: "StepAccounting | None" = None  # MFU and energy per row
-    # tells the step watchdog (jaxlm/watchdog.py) which phase the loop is in: (phase, step, kind)
-    enter: Callable[..., None] = lambda phase, step, kind=None: None
+    # tells the step watchdog (jaxlm/watchdog.py) which phase the loop is in
+    enter: Callable[..., None] = lambda phase, step, kind=None, waiting=True: None
 
     def run(self, state: "TrainState") -> "TrainState":
         t = self.cfg.train
@@ -98,7 +98,7 @@ class Loop:
         poison = _poisoner(self.cfg, self.program.batch_sharding)
         vote = _StopVote(self.stop, mesh)
         step = int(jax.device_get(state.step))
-        saved_step = step
+        saved_step = resumed_from = step
         account = self.accounting
         joules = account.joules if account else lambda: None
 
@@ -133,9 +133,10 @@ class Loop:
         # implicit one would stall the dispatched steps, so it fails loudly instead.
         with jax.transfer_guard("disallow"):
             while step < t.steps:
-                self.enter("compiling" if first else f"step {step + 1}", step + 1, "step")
-                _maybe_hang(self.cfg, step + 1)
+                self.enter(f"step {step + 1}: preparing", step + 1, "host", waiting=False)
+                _maybe_hang(self.cfg, step + 1, resumed=resumed_from > 0)
                 batch = poison(next(self.batches), self.batches.position)
+                self.enter("compiling" if first else f"step {step + 1}", step + 1, "step")
                 limit = jax.device_put(np.float32(bad.loss_limit()), replicated)
                 dispatched = time.perf_counter()
                 state, step_metrics = self.program.train_step(state, batch, limit)
@@ -225,9 +226,11 @@ class _StopVote:
         return self._any(flags)
 
 
-def _maybe_hang(cfg: Config, step: int) -> None:
-    """The debug.hang_at_step hook: this process stops making progress, as a stuck one would."""
-    if cfg.debug.hang_at_step == step and jax.process_index() == cfg.debug.hang_process:
+def _maybe_hang(cfg: Config, step: int, resumed: bool) -> None:
+    """The debug.hang_at_step hook: this process stops making progress, as a stuck one would,
+    in a run that started from scratch (so that a requeued run goes on)."""
+    hang = cfg.debug.hang_at_step == step and not resumed
+    if hang and jax.process_index() == cfg.debug.hang_process:
         log.warning(
             "debug.hang_at_step: process %d hangs before step %d", jax.process_index(), step
         )

@@ -7,6 +7,12 @@
 # from `#SBATCH --signal=USR1@120` before the time limit, or train.time_limit), the checkpoint
 # of the step it finished is complete: the job is requeued, runs this same command again and
 # resumes from that checkpoint.
+#
+# When training exits with code 76, a task's step watchdog found it stuck (jaxlm/watchdog.py).
+# The tasks that fell behind name their hosts; the job is requeued held, a one-task helper job
+# adds those hosts to its excluded nodes (Slurm changes that only for a pending job) and
+# releases it, and the job resumes from its last checkpoint elsewhere. A hang with no host
+# behind it is requeued as it is: nodes are excluded only on the watchdog's evidence.
 
 PYTHON=${JAXLM_PYTHON:-python3}
 echo "jaxlm: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES} node(s), ${SLURM_NTASKS} task(s): $*"
@@ -15,6 +21,8 @@ echo "jaxlm: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_
 # it exits 75; srun may then report the signal of the peers it killed instead of 75.
 export JAXLM_STOP_MARKER="${SLURM_SUBMIT_DIR:-.}/.jaxlm-stopped-${SLURM_JOB_ID}"
 rm -f "$JAXLM_STOP_MARKER"  # a requeued job keeps its id
+export JAXLM_HANG_MARKER="${SLURM_SUBMIT_DIR:-.}/.jaxlm-hung-${SLURM_JOB_ID}"
+rm -f "$JAXLM_HANG_MARKER"
 
 srun --kill-on-bad-exit=1 "$PYTHON" -u -m jaxlm.train "$@"
 status=$?
@@ -23,8 +31,27 @@ if [ -e "$JAXLM_STOP_MARKER" ]; then
     rm -f "$JAXLM_STOP_MARKER"
 fi
 
+if [ -e "$JAXLM_HANG_MARKER" ]; then
+    status=76  # srun may report the signal of the peers it killed instead
+    hosts=$("$PYTHON" -m jaxlm.watchdog culprits "$JAXLM_HANG_MARKER")
+    rm -f "$JAXLM_HANG_MARKER"
+fi
+
 if [ "$status" -eq 75 ]; then
     echo "jaxlm: stopped early with a checkpoint; requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+elif [ "$status" -eq 76 ] && [ -n "${hosts:-}" ]; then
+    excluded=$(scontrol show job -o "${SLURM_JOB_ID}" | sed -n 's/.*ExcNodeList=\([^ ]*\).*/\1/p')
+    [ "$excluded" = "(null)" ] && excluded=""
+    excluded="${excluded:+${excluded},}${hosts}"
+    echo "jaxlm: a task hung on ${hosts}; requeueing job ${SLURM_JOB_ID} without ${excluded}"
+    sbatch --job-name="jaxlm-exclude-${SLURM_JOB_ID}" --ntasks=1 --output=/dev/null --wrap \
+        "until scontrol show job -o ${SLURM_JOB_ID} | grep -q 'JobState=PENDING'; do sleep 1; done
+         scontrol update JobId=${SLURM_JOB_ID} ExcNodeList=${excluded}
+         scontrol release ${SLURM_JOB_ID}"
+    scontrol requeuehold "${SLURM_JOB_ID}"
+elif [ "$status" -eq 76 ]; then
+    echo "jaxlm: the job hung with no host behind it; requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "${SLURM_JOB_ID}"
 fi
 exit "$status"

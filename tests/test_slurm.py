@@ -4,6 +4,7 @@ USR1 before the time limit leads to a requeued job that resumes from its checkpo
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -52,15 +53,19 @@ def wait(predicate, what: str, timeout: float):
     raise TimeoutError(what)
 
 
-def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_path):
-    out = tmp_path / "run"
-    env = {
+def job_env() -> dict:
+    return {
         "JAXLM_PYTHON": sys.executable,
         "JAXLM_HOME": str(REPO),
         "JAX_NUM_CPU_DEVICES": "4",
         "JAX_PLATFORMS": "cpu",
         "JAXLM_CACHE": os.environ["JAXLM_CACHE"],
     }
+
+
+def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_path):
+    out = tmp_path / "run"
+    env = job_env()
     job = slurm.sbatch(
         "--ntasks=2",
         "--ntasks-per-node=2",
@@ -96,3 +101,55 @@ def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_p
     for process in (0, 1):  # both tasks trained, each with its own log
         text = (out / "logs" / f"process-{process}.log").read_text()
         assert f"process {process} of 2" in text
+
+
+def test_a_hung_task_is_requeued_without_its_node_and_resumes(slurm, tmp_path):
+    """Task 1 hangs before step 7: the watchdogs end both tasks with 76, the job is requeued
+    with the node in its excluded list (the test cluster's only node, so it waits), and once
+    the test lifts the exclusion it resumes from the checkpoint of step 6 and finishes."""
+    out = tmp_path / "run"
+    job = slurm.sbatch(
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        f"--output={tmp_path}/job.out",
+        "launch/cpu-cluster.sbatch",
+        "--config",
+        "tiny",
+        "--mesh",
+        "dp=2,fsdp=2,tp=2",
+        "--out",
+        str(out),
+        "train.steps=12",
+        "checkpoint.every=3",
+        "train.eval_every=0",
+        "train.step_timeout=10",
+        "debug.hang_at_step=7",
+        "debug.hang_process=1",
+        "distributed.heartbeat_timeout=60",
+        "distributed.init_timeout=60",
+        env=job_env(),
+        cwd=REPO,
+    )
+    try:
+        held = wait(
+            lambda: (info := slurm.job(job)).get("ExcNodeList") == slurm.host and info,
+            "the requeued job with its node excluded",
+            400,
+        )
+        assert held["JobState"] == "PENDING" and int(held["Restarts"]) == 1
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", "ExcNodeList="], env=slurm.env, check=True
+        )
+        info = wait(lambda: finished(slurm.job(job)), "the resumed job to finish", 400)
+    finally:
+        slurm.cancel(job)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert f"a task hung on {slurm.host}; requeueing job {job} without {slurm.host}" in log
+    assert "resumed from the checkpoint of step 6" in log
+    assert train_steps(out)[-1] == 12
+    assert (
+        "debug.hang_at_step: process 1 hangs before step 7"
+        in (out / "logs" / "process-1.log").read_text()
+    )
+    assert "watchdog: no progress for" in log and "ending with exit code 76" in log

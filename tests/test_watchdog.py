@@ -18,7 +18,7 @@ from jaxlm.errors import EXIT_HUNG
 
 def watch(timeout, rows, codes):
     return watchdog.Watchdog(
-        timeout, process_index=3, on_hang=rows.append, exit=codes.append, poll_s=0.02
+        timeout, process_index=3, on_hang=rows.append, exit=codes.append, poll_s=0.02, grace_s=0
     )
 
 
@@ -49,6 +49,18 @@ def test_progress_and_first_times_keep_it_quiet():
         dog.enter("validating", 11)  # a first validation: FIRST_TIME_S again
         time.sleep(0.6)
     assert codes == [] and rows == []
+
+
+def test_the_culprits_are_the_processes_the_others_waited_for():
+    def report(host, step, waiting):
+        return json.dumps({"host": host, "process": 0, "step": step, "waiting": waiting})
+
+    stuck = [report("a", 7, True), report("b", 7, False), report("c", 7, True)]
+    assert watchdog.culprits(stuck) == ["b"]
+    behind = [report("a", 8, True), report("b", 7, True)]
+    assert watchdog.culprits(behind) == ["b"]
+    nobody = [report("a", 7, True), report("b", 7, True)]  # a collective hung: no evidence
+    assert watchdog.culprits(nobody) == [] and watchdog.culprits([]) == []
 
 
 def test_auto_allows_twenty_medians_and_at_least_the_floor():
@@ -105,7 +117,7 @@ def test_two_processes_one_hung_both_end_with_76_and_the_run_resumes(tmp_path):
             if p.poll() is None:
                 p.kill()
     text = log1.read_text()
-    assert "phase 'step 7' at step 7" in text and "--- thread MainThread" in text
+    assert "phase 'step 7: preparing' at step 7" in text and "--- thread MainThread" in text
     assert "_maybe_hang" in text  # the hung thread's own stack
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     hangs = [r for r in events if r.get("event") == "hang"]
