@@ -51,6 +51,8 @@ log = logging.getLogger("jaxlm")
 AUTO_FACTOR = 20.0
 AUTO_FLOOR_S = 300.0
 GRACE_S = 5.0  # between a process's report and its exit: time for its peers to report
+# process 0 hosts the coordination service, whose end aborts the other processes: it leaves last
+COORDINATOR_EXTRA_S = 3.0
 FIRST_TIME_S = 1800.0  # a first compile of a large model on a busy host
 _HISTORY = 50  # durations kept per phase kind
 
@@ -178,7 +180,7 @@ class Watchdog:
                 handler.flush()
             sys.stdout.flush()
             sys.stderr.flush()
-            time.sleep(self.grace_s)
+            time.sleep(self.grace_s + (COORDINATOR_EXTRA_S if self.process_index == 0 else 0))
             self._exit(EXIT_HUNG)
 
 
