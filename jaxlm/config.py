@@ -123,9 +123,9 @@ class TrainConfig:
     # "HH:MM:SS" or seconds: then save and exit 75 to be requeued
     time_limit: str | None = setting(None, Duration())
     # a phase of the loop (a step, a validation, a save) that lasts longer ends the process with
-    # exit code 76 (jaxlm/watchdog.py): seconds, or "auto" (20 x its median, at least 300 s)
+    # exit code 76 (jaxlm/watchdog.py): seconds, "auto" (20 x its median, at least 300 s), "off"
     step_timeout: str = setting(
-        "auto", Parsed(parse_timeout, "'auto' or positive seconds", ("0", "-5", "soon"))
+        "auto", Parsed(parse_timeout, "'auto', 'off' or positive seconds", ("0", "-5", "soon"))
     )
     # bad steps in a row before rolling back to the last checkpoint
     max_bad_steps: int = setting(5, at_least(1))

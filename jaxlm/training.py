@@ -37,7 +37,7 @@ from jaxlm.loop import Loop
 from jaxlm.model import param_count
 from jaxlm.preemption import StopRequest
 from jaxlm.step import Program, abstract_state, build_program
-from jaxlm.watchdog import Watchdog, parse_timeout
+from jaxlm.watchdog import OFF, Unwatched, Watchdog, parse_timeout
 
 log = logging.getLogger("jaxlm")
 
@@ -79,12 +79,15 @@ def run(
 
     rows = []
     with contextlib.ExitStack() as closing:  # 7, in the reverse order of opening
+        timeout = parse_timeout(cfg.train.step_timeout)
         watchdog = closing.enter_context(  # first, so it still watches the last save's end
             Watchdog(
-                parse_timeout(cfg.train.step_timeout),
+                timeout,
                 process_index=jax.process_index(),
                 on_hang=lambda row: metrics_log.write(row, prefix="events"),
             )
+            if timeout != OFF
+            else Unwatched()
         )
         if checkpoints:
             closing.callback(checkpoints.close)

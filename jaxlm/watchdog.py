@@ -57,14 +57,21 @@ FIRST_TIME_S = 1800.0  # a first compile of a large model on a busy host
 _HISTORY = 50  # durations kept per phase kind
 
 
+OFF = float("inf")  # train.step_timeout=off: no watchdog thread at all
+
+
 def parse_timeout(text) -> float | None:
-    """`train.step_timeout`: None for 'auto', else positive seconds."""
+    """`train.step_timeout`: None for 'auto', OFF for 'off', else positive seconds."""
     if str(text).strip().lower() == "auto":
         return None
+    if str(text).strip().lower() == "off":
+        return OFF
     try:
         seconds = float(text)
     except ValueError:
-        raise UsageError(f"train.step_timeout must be 'auto' or seconds, not '{text}'") from None
+        raise UsageError(
+            f"train.step_timeout must be 'auto', 'off' or seconds, not '{text}'"
+        ) from None
     if not seconds > 0 or seconds == float("inf"):
         raise UsageError(f"train.step_timeout must be a positive number of seconds, not {text}")
     return seconds
@@ -182,6 +189,19 @@ class Watchdog:
             sys.stderr.flush()
             time.sleep(self.grace_s + (COORDINATOR_EXTRA_S if self.process_index == 0 else 0))
             self._exit(EXIT_HUNG)
+
+
+class Unwatched:
+    """train.step_timeout=off: the loop's phases go nowhere."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def enter(self, phase, step, kind=None, *, waiting=True) -> None:
+        pass
 
 
 def all_stacks() -> str:

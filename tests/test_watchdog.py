@@ -71,6 +71,9 @@ def test_auto_allows_twenty_medians_and_at_least_the_floor():
     dog._durations["step"] = [0.01] * 10
     assert dog.allowance("step") == watchdog.AUTO_FLOOR_S
     assert watchdog.parse_timeout("auto") is None and watchdog.parse_timeout("12.5") == 12.5
+    assert watchdog.parse_timeout("off") == watchdog.OFF  # training starts no watchdog then
+    with watchdog.Unwatched() as nobody:
+        nobody.enter("step 1", 1, "step")
 
 
 @pytest.mark.slow
