@@ -59,6 +59,35 @@ def production_env(**changes: str) -> dict[str, str]:
     return env
 
 
+def train_processes(n: int, args, *, devices_each: int = 4) -> list:
+    """`python -m jaxlm.train ARGS` in `n` processes that find each other as jaxlm.launch's do
+    (a coordinator on a free local port), started directly so that a test can signal each one
+    and read each one's exit code. stderr is piped, as text."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_each)}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxlm.train", *args],
+            env={
+                **env,
+                "JAXLM_COORDINATOR": f"127.0.0.1:{port}",
+                "JAXLM_NUM_PROCESSES": str(n),
+                "JAXLM_PROCESS_ID": str(i),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+
+
 def train_rows(rows: list[dict]) -> list[dict]:
     """The per-step rows of a run (validation rows left out)."""
     return [row for row in rows if "loss" in row]

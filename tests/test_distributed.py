@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import train_rows
+from conftest import train_processes, train_rows
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import training
@@ -119,40 +118,10 @@ def test_a_checkpoint_of_two_processes_continues_in_one_on_another_mesh(
 
 @pytest.mark.slow
 def test_a_killed_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     timeout = 10
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jaxlm.train",
-                "--config",
-                "tiny",
-                "--mesh",
-                "dp=8",
-                "--out",
-                str(tmp_path),
-                "train.steps=100000",
-                "train.eval_every=0",
-                "checkpoint.every=0",
-                f"distributed.heartbeat_timeout={timeout}",
-            ],
-            env={
-                **ENV,
-                "JAX_NUM_CPU_DEVICES": "4",
-                "JAXLM_COORDINATOR": f"127.0.0.1:{port}",
-                "JAXLM_NUM_PROCESSES": "2",
-                "JAXLM_PROCESS_ID": str(i),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    args = ["--config", "tiny", "--mesh", "dp=8", "--out", str(tmp_path), "train.steps=100000"]
+    args += ["train.eval_every=0", "checkpoint.every=0"]
+    processes = train_processes(2, [*args, f"distributed.heartbeat_timeout={timeout}"])
     try:
         deadline = time.time() + 300
         while (

@@ -63,10 +63,10 @@ def job_env() -> dict:
     }
 
 
-def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_path):
-    out = tmp_path / "run"
-    env = job_env()
-    job = slurm.sbatch(
+def submit_tiny_on_two_tasks(slurm, tmp_path, *args: str) -> int:
+    """The tiny preset on dp=2,fsdp=2,tp=2 over two tasks of launch/cpu-cluster.sbatch, into
+    tmp_path/run, its output in tmp_path/job.out."""
+    return slurm.sbatch(
         "--ntasks=2",
         "--ntasks-per-node=2",
         f"--output={tmp_path}/job.out",
@@ -76,14 +76,23 @@ def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_p
         "--mesh",
         "dp=2,fsdp=2,tp=2",
         "--out",
-        str(out),
+        str(tmp_path / "run"),
+        *args,
+        env=job_env(),
+        cwd=REPO,
+    )
+
+
+def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_path):
+    out = tmp_path / "run"
+    job = submit_tiny_on_two_tasks(
+        slurm,
+        tmp_path,
         "train.steps=60",
         "checkpoint.every=1000",
         "train.eval_every=0",
         "distributed.heartbeat_timeout=20",
         "distributed.init_timeout=60",
-        env=env,
-        cwd=REPO,
     )
     try:
         wait(lambda: len(train_steps(out)) >= 8, "8 steps of the first run", 300)
@@ -108,17 +117,9 @@ def test_a_hung_task_is_requeued_without_its_node_and_resumes(slurm, tmp_path):
     with the node in its excluded list (the test cluster's only node, so it waits), and once
     the test lifts the exclusion it resumes from the checkpoint of step 6 and finishes."""
     out = tmp_path / "run"
-    job = slurm.sbatch(
-        "--ntasks=2",
-        "--ntasks-per-node=2",
-        f"--output={tmp_path}/job.out",
-        "launch/cpu-cluster.sbatch",
-        "--config",
-        "tiny",
-        "--mesh",
-        "dp=2,fsdp=2,tp=2",
-        "--out",
-        str(out),
+    job = submit_tiny_on_two_tasks(
+        slurm,
+        tmp_path,
         "train.steps=12",
         "checkpoint.every=3",
         "train.eval_every=0",
@@ -127,8 +128,6 @@ def test_a_hung_task_is_requeued_without_its_node_and_resumes(slurm, tmp_path):
         "debug.hang_process=1",
         "distributed.heartbeat_timeout=60",
         "distributed.init_timeout=60",
-        env=job_env(),
-        cwd=REPO,
     )
     try:
         held = wait(

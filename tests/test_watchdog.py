@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import train_processes
 from jaxlm import watchdog
 from jaxlm.errors import EXIT_HUNG
 
@@ -84,26 +85,7 @@ def test_two_processes_one_hung_both_end_with_76_and_the_run_resumes(tmp_path):
     timeout = 10
     args = ["--config", "tiny", "--mesh", "dp=8", "--out", str(tmp_path), "train.steps=12"]
     args += ["train.eval_every=0", "checkpoint.every=3", f"train.step_timeout={timeout}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "jaxlm.train", *args, "debug.hang_at_step=7"]
-            + ["debug.hang_process=1"],
-            env={
-                **env,
-                "JAXLM_COORDINATOR": f"127.0.0.1:{port}",
-                "JAXLM_NUM_PROCESSES": "2",
-                "JAXLM_PROCESS_ID": str(i),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    processes = train_processes(2, [*args, "debug.hang_at_step=7", "debug.hang_process=1"])
     try:
         log1 = tmp_path / "logs" / "process-1.log"
         deadline = time.time() + 300
@@ -128,7 +110,7 @@ def test_two_processes_one_hung_both_end_with_76_and_the_run_resumes(tmp_path):
 
     rerun = subprocess.run(
         [sys.executable, "-m", "jaxlm.train", *args],
-        env={**env, "JAX_NUM_CPU_DEVICES": "8"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"},
         capture_output=True,
         text=True,
         timeout=300,
