@@ -205,14 +205,20 @@ class GPTOrder:
     def window(self, sample: int) -> list[np.ndarray]:
         doc_index, doc_ends, shuffle = self._arrays
         start = int(shuffle[sample]) * self.seq_len
-        stop = start + self.seq_len + 1
-        k = int(np.searchsorted(doc_ends, start, side="right"))
-        pieces = []
-        while start < stop:
-            document, doc_end = int(doc_index[k]), int(doc_ends[k])
-            doc_start = doc_end - int(self.documents.doc_length[document])
-            end = min(stop, doc_end)
-            if end > start:
-                pieces.append(self.documents.read(document, start - doc_start, end - doc_start))
-            start, k = end, k + 1
-        return pieces
+        return read_stream(self.documents, doc_index, doc_ends, start, start + self.seq_len + 1)
+
+
+def read_stream(documents, doc_order, doc_ends, start: int, stop: int) -> list[np.ndarray]:
+    """Tokens [start, stop) of the stream of `documents` in `doc_order` (whose cumulative ends
+    are `doc_ends`), as one piece per document they cross; documents of no tokens give none.
+    Both jaxlm's order and Megatron's read their windows through this."""
+    k = int(np.searchsorted(doc_ends, start, side="right"))  # the first to end after start
+    pieces = []
+    while start < stop:
+        document, doc_end = int(doc_order[k]), int(doc_ends[k])
+        doc_start = doc_end - int(documents.doc_length[document])
+        end = min(stop, doc_end)
+        if end > start:
+            pieces.append(documents.read(document, start - doc_start, end - doc_start))
+        start, k = end, k + 1
+    return pieces

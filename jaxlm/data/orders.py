@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlm.data import sources as sources_lib
 from jaxlm.data.blend import BlendSchedule, normalize
-from jaxlm.data.megatron_order import GPTOrder
+from jaxlm.data.megatron_order import GPTOrder, read_stream
 from jaxlm.errors import UsageError
 
 _EPOCHS = 1 << 20  # the index space of a training run: far more epochs than any run takes
@@ -65,15 +65,8 @@ class PackedOrder:
         """The pieces of documents that make window `index`, in order."""
         epoch, window = divmod(index, self.one_pass)
         order, ends = self._epoch(epoch)
-        start, stop = window * self.window_len, (window + 1) * self.window_len
-        k = int(np.searchsorted(ends, start, side="right"))  # first document ending after start
-        pieces = []
-        while start < stop:
-            doc_start = ends[k] - self.split.doc_length[order[k]]
-            end = min(stop, ends[k])
-            pieces.append(self.split.read(order[k], start - doc_start, end - doc_start))
-            start, k = end, k + 1
-        return pieces
+        start = window * self.window_len
+        return read_stream(self.split, order, ends, start, start + self.window_len)
 
 
 class BlendedOrder:

@@ -57,9 +57,7 @@ def _locate(text: str, vocab_size: int | None) -> tuple[str, pathlib.Path]:
     if text == "stdlib":
         return "prepared", stdlib.dataset(vocab_size)
     if text.startswith(blend.MEGATRON):
-        prefix = pathlib.Path(text[len(blend.MEGATRON) :])
-        indexed.IndexedDataset(prefix)  # refuses missing files and bad headers
-        return "megatron", prefix
+        return "megatron", pathlib.Path(text[len(blend.MEGATRON) :])
     path = pathlib.Path(text)
     # Megatron keeps its index cache in a directory named like the prefix (PREFIX/cache/), so
     # a directory is a prepared one only if it has a manifest or there is no PREFIX.idx
@@ -98,9 +96,10 @@ def _check(source: Source, data, vocab: int | None) -> None:
                     f"not with data.tokenizer={data.tokenizer} ({wanted[:12]})"
                 )
         return
+    dataset = indexed.IndexedDataset(source.path)  # refuses missing files and bad headers
     if vocab is None:
         return
-    largest = max_token(indexed.IndexedDataset(source.path), cache_dir(source, data), vocab)
+    largest = max_token(dataset, cache_dir(source, data), vocab)
     if largest >= vocab:
         raise UsageError(
             f"the Megatron dataset {source.path} holds token id {largest}, outside the model's "
