@@ -68,6 +68,9 @@ CASES = {
     "min_lr_ratio of 2": train("train.min_lr_ratio=2"),
     "negative weight decay": train("train.weight_decay=-0.1"),
     "spike window of 1": train("train.spike_window=1", "train.spike_sigma=3"),
+    "straggler margin of 0": train("train.straggler_margin=0"),
+    "slow factor below 1": train("debug.slow_process=0", "debug.slow_factor=0.5"),
+    "slow process not in the launch": train("debug.slow_process=3"),
     "zero bad steps allowed": train("train.max_bad_steps=0"),
     "time limit 'abc'": train("train.time_limit=abc"),
     "zero peak TFLOP/s": train("train.peak_tflops=0"),
@@ -194,6 +197,7 @@ CASES = {
     ],
     # launch and convert
     "launch 0 processes": ["launch", "local", "-n", "0", "--", "true"],
+    "launch an unknown module": ["launch", "local", "--module", "nope", "--", "true"],
     "export over a file": ["convert", "to-hf", "run", "--out", "text.txt"],
     "import from nowhere": ["convert", "from-hf", "nowhere", "--out", "imported"],
 }

@@ -127,6 +127,11 @@ class TrainConfig:
     step_timeout: str = setting(
         "auto", Parsed(parse_timeout, "'auto', 'off' or positive seconds", ("0", "-5", "soon"))
     )
+    # every this many steps the processes' host times are compared (jaxlm/stragglers.py); 0: off
+    straggler_every: int = setting(50, at_least(0))
+    # a process whose host time per step exceeds the others' median by more than this fraction
+    # of the step time, two intervals in a row, is named a straggler
+    straggler_margin: float = setting(0.1, positive())
     # bad steps in a row before rolling back to the last checkpoint
     max_bad_steps: int = setting(5, at_least(1))
     # a loss above mean + k sigma of the window is a bad step (0: off)
@@ -209,6 +214,10 @@ class DebugConfig:
     # (the watchdog's tests: a requeued run goes on)
     hang_at_step: int | None = setting(None, at_least(1))
     hang_process: int = setting(0, at_least(0))
+    # process `slow_process` runs `slow_factor` times slower: its training steps (host-side
+    # delay before each) and its collectives in `python -m jaxlm.doctor` (the straggler tests)
+    slow_process: int | None = setting(None, at_least(0))
+    slow_factor: float = setting(3.0, Range(low=1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,13 +8,16 @@ step's metrics while the device works on this one. Around that:
   raise Preempted (exit code 75);
 - bad steps (non-finite loss or gradients, or a loss spike when `train.spike_sigma` > 0) change
   nothing; after `train.max_bad_steps` of them in a row the state rolls back to the last
-  checkpoint while the data runs on, so the batches that caused them are skipped.
+  checkpoint while the data runs on, so the batches that caused them are skipped;
+- stragglers: each process's host time per step travels with the stop vote, and a process
+  that holds the others up is named (jaxlm/stragglers.py).
 """
 
 import collections
 import dataclasses
 import logging
 import math
+import socket
 import statistics
 import threading
 import time
@@ -24,11 +27,13 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import sharding
 from jaxlm.config import Config, TrainConfig
 from jaxlm.errors import Diverged, Preempted
+from jaxlm.stragglers import Slowdown, Stragglers
 
 if TYPE_CHECKING:
     from jaxlm.checkpoint import Checkpoints, Restored
@@ -97,6 +102,8 @@ class Loop:
         bad = BadSteps(t)
         poison = _poisoner(self.cfg, self.program.batch_sharding)
         vote = _StopVote(self.stop, mesh)
+        stragglers = Stragglers(t.straggler_every, t.straggler_margin, hostnames())
+        slow = _slowdown(self.cfg)
         step = int(jax.device_get(state.step))
         saved_step = resumed_from = step
         account = self.accounting
@@ -109,13 +116,14 @@ class Loop:
 
         def record(step, step_metrics, stop_vote, started, taken):
             # Blocks until `step` is done, while the device already works on the next one.
-            values, stop_agreed = jax.device_get((step_metrics, stop_vote))
+            values, (stop_agreed, host_times) = jax.device_get((step_metrics, stop_vote))
             now = mark()
             row = {"step": step, **{k: float(v) for k, v in values.items()}}
             row |= {f"tokens/{name}": tokens for name, tokens in taken.items()}  # of a blend
             row["skipped"] = int(row["skipped"])
             row["skipped_steps"] = int(row["skipped_steps"])
             row["step_time_s"] = now[0] - started[0]
+            row["host_time_s"] = float(host_times[jax.process_index()])
             row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
             row["tokens_per_s_per_device"] = row["tokens_per_s"] / n_devices
             if account:
@@ -127,6 +135,9 @@ class Loop:
             self.write(row)
             self.progress.update(row)
             bad.observe(row)
+            slow.observe(row["step_time_s"])
+            for event in stragglers.observe(step, host_times, row["step_time_s"]):
+                self.write(event, prefix="events")
             return now, bool(stop_agreed)
 
         # Inside the loop every host<->device copy is explicit (device_put / device_get): a stray
@@ -134,8 +145,14 @@ class Loop:
         with jax.transfer_guard("disallow"):
             while step < t.steps:
                 self.enter(f"step {step + 1}: preparing", step + 1, "host", waiting=False)
+                preparing = time.perf_counter()
                 _maybe_hang(self.cfg, step + 1, resumed=resumed_from > 0)
+                time.sleep(slow.delay_s())
+                # host time: this process's own work before it can dispatch, awaiting no device
+                # (putting the batch on the devices may wait for them, on CPU for the last step)
+                host_time = time.perf_counter() - preparing
                 batch = poison(next(self.batches), self.batches.position)
+                host_time += self.batches.read_s
                 self.enter("compiling" if first else f"step {step + 1}", step + 1, "step")
                 limit = jax.device_put(np.float32(bad.loss_limit()), replicated)
                 dispatched = time.perf_counter()
@@ -146,7 +163,9 @@ class Loop:
                     last_done, first = mark(), False
                 elif pending:
                     last_done, stop = record(*pending)
-                pending = (step, step_metrics, vote.cast(), last_done, self.batches.taken())
+                pending = (
+                    step, step_metrics, vote.cast(host_time), last_done, self.batches.taken()
+                )
 
                 every = self.cfg.checkpoint.every
                 save = step == t.steps or (every and step % every == 0)
@@ -211,19 +230,56 @@ class _StopVote:
     """Makes one stop decision that every process shares. Each process casts its own request
     (a signal it got, its clock against the time limit) as one flag per local device; the
     devices reduce them with `any`, and the loop reads the result with the step's metrics, so
-    all processes stop after the same step without an extra host synchronisation."""
+    all processes stop after the same step without an extra host synchronisation.
+
+    The same trip carries each process's host time (jaxlm/stragglers.py): one number per
+    device, gathered, so that every process reads every process's time."""
 
     def __init__(self, request, mesh):
         self.request = request
-        self._flags = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self._by_device = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
         self._size = mesh.devices.size
-        self._any = jax.jit(jnp.any, out_shardings=sharding.replicated(mesh))
+        # one of each process's devices in the flattened mesh: where its host time lands
+        first_of_process = np.unique(
+            [d.process_index for d in mesh.devices.flat], return_index=True
+        )[1]
+        self._gather = jax.jit(
+            lambda flags, times: (jnp.any(flags), times[first_of_process]),
+            out_shardings=sharding.replicated(mesh),
+        )
 
-    def cast(self) -> jax.Array:
-        local = np.full(len(self._flags.addressable_devices), self.request.requested)
+    def cast(self, host_time: float) -> tuple[jax.Array, jax.Array]:
+        local = len(self._by_device.addressable_devices)
+        flags = np.full(local, self.request.requested)
+        times = np.full(local, host_time, np.float32)
         with jax.transfer_guard_host_to_device("allow"):  # intended: the vote goes to the devices
-            flags = jax.make_array_from_process_local_data(self._flags, local, (self._size,))
-        return self._any(flags)
+            flags, times = (
+                jax.make_array_from_process_local_data(self._by_device, x, (self._size,))
+                for x in (flags, times)
+            )
+        return self._gather(flags, times)  # the vote, and host times by process index
+
+
+def hostnames() -> list[str]:
+    """Every process's host name, by process index (one gather, before the loop)."""
+    if jax.process_count() == 1:
+        return [socket.gethostname()]
+    name = np.zeros(256, np.uint8)
+    encoded = socket.gethostname().encode()[:256]
+    name[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    names = np.asarray(multihost_utils.process_allgather(name))
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in names]
+
+
+def _slowdown(cfg: Config) -> Slowdown:
+    slow = cfg.debug.slow_process is not None and jax.process_index() == cfg.debug.slow_process
+    if slow:
+        log.warning(
+            "debug.slow_process: process %d runs its steps %g times slower",
+            jax.process_index(),
+            cfg.debug.slow_factor,
+        )
+    return Slowdown(cfg.debug.slow_factor if slow else None)
 
 
 def _maybe_hang(cfg: Config, step: int, resumed: bool) -> None:

@@ -57,6 +57,7 @@ def run(
     `jaxlm.step.build_program(cfg, mesh)`) may be passed in to reuse its compiled functions, or
     to inspect them afterwards.
     """
+    check_debug_processes(cfg.debug)
     program = program or build_program(cfg, mesh)  # 1
     sources = loader.resolve_source(cfg)  # 2
     batches = loader.make_batches(cfg, program.batch_sharding, sources=sources)
@@ -128,6 +129,18 @@ def run(
             enter=watchdog.enter,
         ).run(state)
     return rows
+
+
+def check_debug_processes(debug: config_lib.DebugConfig) -> None:
+    """The fault-injection keys name processes of this launch."""
+    count = jax.process_count()
+    for key in ("hang_process", "slow_process"):
+        process = getattr(debug, key)
+        if process is not None and process >= count:
+            raise UsageError(
+                f"debug.{key}={process} names no process: this launch has {count} "
+                f"(0 to {count - 1})"
+            )
 
 
 def initial_state(cfg, program: Program, batches: loader.Batches, restore):

@@ -78,6 +78,7 @@ def two_processes(tmp_path_factory):
         "train.steps=12",
         "checkpoint.every=3",
         "checkpoint.keep=4",
+        "train.straggler_every=3",  # healthy processes: never named
     )
     return out, result
 
@@ -87,6 +88,7 @@ def test_two_processes_train_exactly_like_one(two_processes, one_process):
     out, result = two_processes
     assert result.returncode == 0, result.stderr[-3000:]
     two = rows(out)
+    assert not [r for r in two if r.get("event") == "straggler"]
     assert [r["step"] for r in two] == [r["step"] for r in one_process]
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(

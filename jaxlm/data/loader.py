@@ -38,6 +38,11 @@ class Batches(Protocol):
     def taken(self) -> dict[str, int]:
         """Tokens taken from each source of a blend so far (empty for one source)."""
 
+    @property
+    def read_s(self) -> float:
+        """Seconds the last batch took to read on the host, before any device was involved
+        (putting it on the devices may wait for them: it is left out)."""
+
 
 def resolve_source(cfg: Config) -> list[Source] | None:
     """The sources the config trains on (None for synthetic), checked against the model

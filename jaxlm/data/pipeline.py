@@ -23,6 +23,8 @@ Each window carries segment ids (1, 2, ... for the pieces of documents in it) an
 only to earlier tokens of its own document.
 """
 
+import time
+
 import grain
 import jax
 import numpy as np
@@ -102,6 +104,7 @@ class GlobalBatches:
     ):
         self.source, self.sharding = source, sharding
         self.position = 0  # batches consumed
+        self.read_s = 0.0  # the last batch's time on the host
         options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
         self._iterator = iter(grain.MapDataset.source(source).to_iter_dataset(options))
 
@@ -112,7 +115,9 @@ class GlobalBatches:
         return len(self.source)
 
     def __next__(self) -> dict[str, jax.Array]:
+        reading = time.perf_counter()
         local = next(self._iterator)
+        self.read_s = time.perf_counter() - reading
         self.position += 1
         return {k: self._globalize(v) for k, v in local.items()}
 

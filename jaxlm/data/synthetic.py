@@ -53,6 +53,8 @@ class SyntheticBatches:
     def taken(self) -> dict[str, int]:
         return {}  # one source
 
+    read_s = 0.0  # made on the devices: no host reading
+
     def get_state(self) -> dict:
         return {"position": self.position}
 
