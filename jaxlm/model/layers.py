@@ -1,11 +1,13 @@
 """The pieces of a transformer block: norms, rotary positions, attention and the MLP.
 
 Conventions (nanodo's): a tensor's name ends in its shape, with B batch, L length, D d_model,
-N query heads, K key/value heads, H head dim, F MLP hidden, V vocabulary; every contraction is
-an einsum. Parameters are float32 and carry logical axis names (see jaxlm/sharding.py) in their
-`out_sharding` metadata; they are cast to the compute dtype where they are used.
+N query heads, K key/value heads, H head dim, F MLP hidden, V vocabulary; a contraction with a
+weight is `dense` (one matmul over the flattened tokens), the others are einsums. Parameters
+are float32 and carry logical axis names (see jaxlm/sharding.py) in their `out_sharding`
+metadata; they are cast to the compute dtype where they are used.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,6 +30,22 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tuple
     return nnx.Param(
         init(rngs.params(), shape, jnp.float32), out_sharding=axes, eager_sharding=False
     )
+
+
+def dense(x: jax.Array, w: jax.Array, contracting: int = 1) -> jax.Array:
+    """x's last `contracting` dims times w's first ones, e.g. [B, L, D] x [D, N, H] -> [B, L, N, H].
+
+    The einsum "BLD,DNH->BLNH" written as one [B*L, D] x [D, N*H] matmul. Its gradient is then
+    two plain matmuls too; an einsum's weight gradient contracts over both B and L, which
+    XLA:CPU lowers to a copy of the cotangent in transposed layout (fused with the elementwise
+    work before it, and unvectorised) and an unfused dot: 2.3x slower for a SwiGLU MLP's forward
+    and backward pass on the development machine (benchmarks/cpu_profile.py). The results are
+    the same. Merging B and L keeps a batch sharding: B is the major dimension."""
+    tokens, inputs = x.shape[:-contracting], x.shape[-contracting:]
+    assert inputs == w.shape[:contracting], (x.shape, w.shape)
+    size = math.prod(inputs)
+    y = x.reshape(-1, size) @ w.reshape(size, -1)
+    return y.reshape(*tokens, *w.shape[contracting:])
 
 
 def normal(std: float) -> Initializer:
@@ -96,14 +114,15 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD, rotary, mask_Bx1xLxL):
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary)
         implementation = attention_implementation(self.implementation, x_BxLxD.dtype)
-        out_BxLxNxH = self.attend(
-            q_BxLxNxH,
-            k_BxLxKxH,
-            v_BxLxKxH,
-            mask_Bx1xLxL,
-            is_causal=True,
-            implementation=implementation,
-        )
+        attend = functools.partial(self.attend, is_causal=True, implementation=implementation)
+        if implementation == "xla":
+            # Megatron's selective recomputation: the backward pass recomputes the [B, N, L, L]
+            # scores and probabilities from q, k and v rather than keeping them, as a flash
+            # kernel does. They are the largest activation, and with the layer scan they would
+            # also need a zero-filled stacking buffer: on CPU storing them cost more than the
+            # recomputation.
+            attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
+        out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)
         return self.output(out_BxLxNxH)
 
     def decode(self, x_BxTxD, rotary, cache: "LayerCache", start):
@@ -137,9 +156,9 @@ class Attention(nnx.Module):
     def project(self, x_BxLxD, rotary):
         """Queries, keys and values, biased and rotated, in the layout of the sharding table."""
         dtype = x_BxLxD.dtype
-        q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.q_proj[...].astype(dtype))
-        k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.k_proj[...].astype(dtype))
-        v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.v_proj[...].astype(dtype))
+        q_BxLxNxH = dense(x_BxLxD, self.q_proj[...].astype(dtype))
+        k_BxLxKxH = dense(x_BxLxD, self.k_proj[...].astype(dtype))
+        v_BxLxKxH = dense(x_BxLxD, self.v_proj[...].astype(dtype))
         if self.use_bias:
             q_BxLxNxH += self.q_bias[...].astype(dtype)
             k_BxLxKxH += self.k_bias[...].astype(dtype)
@@ -174,7 +193,7 @@ class Attention(nnx.Module):
         dtype = out_BxLxNxH.dtype
         # Row-parallel under tensor parallelism: each device holds whole heads, the sum over
         # heads becomes one all-reduce (or reduce-scatter) of [B, L, D].
-        y_BxLxD = jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.o_proj[...].astype(dtype))
+        y_BxLxD = dense(out_BxLxNxH, self.o_proj[...].astype(dtype), 2)
         if self.use_bias:
             y_BxLxD += self.o_bias[...].astype(dtype)
         return y_BxLxD
@@ -215,16 +234,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD):
         dtype = x_BxLxD.dtype
-        h_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.up_proj[...].astype(dtype))
+        h_BxLxF = dense(x_BxLxD, self.up_proj[...].astype(dtype))
         if self.use_bias:
             h_BxLxF += self.up_bias[...].astype(dtype)
         if self.kind == "swiglu":
-            gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.gate_proj[...].astype(dtype))
+            gate_BxLxF = dense(x_BxLxD, self.gate_proj[...].astype(dtype))
             h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
         h_BxLxF = self.shard(h_BxLxF, ("batch", "length", "mlp"))
-        y_BxLxD = jnp.einsum("BLF,FD->BLD", h_BxLxF, self.down_proj[...].astype(dtype))
+        y_BxLxD = dense(h_BxLxF, self.down_proj[...].astype(dtype))
         if self.use_bias:
             y_BxLxD += self.down_bias[...].astype(dtype)
         return y_BxLxD

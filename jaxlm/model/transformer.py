@@ -25,7 +25,17 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model import pipeline
-from jaxlm.model.layers import MLP, Attention, LayerCache, Norm, Shard, normal, param, rotary_tables
+from jaxlm.model.layers import (
+    MLP,
+    Attention,
+    LayerCache,
+    Norm,
+    Shard,
+    dense,
+    normal,
+    param,
+    rotary_tables,
+)
 from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.sharding import ActivationSharding
 
@@ -146,9 +156,9 @@ class Transformer(nnx.Module):
         x_BxLxD = self.final_norm(x_BxLxD)
         dtype = x_BxLxD.dtype
         if self.cfg.tie_embeddings:
-            logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, self.embedding[...].astype(dtype))
+            logits_BxLxV = dense(x_BxLxD, self.embedding[...].astype(dtype).T)
         else:
-            logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.lm_head[...].astype(dtype))
+            logits_BxLxV = dense(x_BxLxD, self.lm_head[...].astype(dtype))
         return self.shard(logits_BxLxV, (*tokens, "vocab"))
 
     def _head_tokens(self, shape) -> tuple[str, str]:
