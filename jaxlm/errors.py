@@ -12,12 +12,16 @@ same command again continues the run.
 A process that stops making progress (stuck in a collective, a peer hung) is ended by the step
 watchdog (jaxlm/watchdog.py) with `EXIT_HUNG`: requeue scripts requeue without its node, and the
 run continues from its last checkpoint.
+
+`python -m jaxlm.doctor` exits with `EXIT_UNHEALTHY` when a process or link is markedly slower
+than its peers: launch scripts that run it first requeue without the hosts it names.
 """
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL in sysexits.h: "temporary failure, try again"
 EXIT_HUNG = 76  # the step watchdog: no progress within train.step_timeout
+EXIT_UNHEALTHY = 77  # python -m jaxlm.doctor: an outlier host or link
 
 
 class UsageError(Exception):

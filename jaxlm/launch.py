@@ -1,7 +1,8 @@
-"""`python -m jaxlm.launch local -n N [--cpu-devices D] -- <train args>`: several processes on
-this machine, to try multi-host code without a cluster.
+"""`python -m jaxlm.launch local -n N [--cpu-devices D] [--module M] -- <args>`: several processes
+on this machine, to try multi-host code without a cluster.
 
-Starts N copies of `python -m jaxlm.train <train args>` (jaxlm/launcher.py) that find each
+Starts N copies of `python -m jaxlm.M <args>` (default M: train; `--module doctor` runs the
+preflight checks of jaxlm/doctor.py) (jaxlm/launcher.py) that find each
 other through `jax.distributed` (JAXLM_COORDINATOR on a free local port) and split D fake CPU
 devices between them (default 8, so 2 processes get 4 each). Like `srun --kill-on-bad-exit`,
 if one process fails the others are stopped; SIGTERM and SIGUSR1 are passed on to every
@@ -13,6 +14,8 @@ import argparse
 import sys
 
 from jaxlm import cli, launcher
+
+MODULES = ("train", "doctor")  # the commands that join a multi-process launch
 
 
 def parse_args(argv):
@@ -27,9 +30,15 @@ def parse_args(argv):
         help="fake CPU devices in all, split evenly between the processes",
     )
     local.add_argument(
+        "--module",
+        default="train",
+        choices=MODULES,
+        help="the jaxlm command each process runs",
+    )
+    local.add_argument(
         "train_args",
         nargs=argparse.REMAINDER,
-        help="after --: the arguments of python -m jaxlm.train",
+        help="after --: the arguments of python -m jaxlm.MODULE",
     )
     args = p.parse_args(argv)
     if args.train_args[:1] == ["--"]:
@@ -43,7 +52,9 @@ def main(argv=None) -> int:
 
     def body():
         nonlocal status
-        status = launcher.launch_local(args.processes, args.cpu_devices, args.train_args)
+        status = launcher.launch_local(
+            args.processes, args.cpu_devices, args.train_args, module=args.module
+        )
 
     return cli.run_command(body) or status
 

@@ -53,22 +53,23 @@ def wait(predicate, what: str, timeout: float):
     raise TimeoutError(what)
 
 
-def job_env() -> dict:
+def job_env(devices: int = 4, **extra: str) -> dict:
     return {
         "JAXLM_PYTHON": sys.executable,
         "JAXLM_HOME": str(REPO),
-        "JAX_NUM_CPU_DEVICES": "4",
+        "JAX_NUM_CPU_DEVICES": str(devices),
         "JAX_PLATFORMS": "cpu",
         "JAXLM_CACHE": os.environ["JAXLM_CACHE"],
+        **extra,
     }
 
 
-def submit_tiny_on_two_tasks(slurm, tmp_path, *args: str) -> int:
-    """The tiny preset on dp=2,fsdp=2,tp=2 over two tasks of launch/cpu-cluster.sbatch, into
-    tmp_path/run, its output in tmp_path/job.out."""
+def submit_tiny_on_two_tasks(slurm, tmp_path, *args: str, tasks: int = 2, env=None) -> int:
+    """The tiny preset on dp=2,fsdp=2,tp=2 over two tasks of launch/cpu-cluster.sbatch (or
+    `tasks` with the devices `env` gives), into tmp_path/run, its output in tmp_path/job.out."""
     return slurm.sbatch(
-        "--ntasks=2",
-        "--ntasks-per-node=2",
+        f"--ntasks={tasks}",
+        f"--ntasks-per-node={tasks}",
         f"--output={tmp_path}/job.out",
         "launch/cpu-cluster.sbatch",
         "--config",
@@ -78,7 +79,7 @@ def submit_tiny_on_two_tasks(slurm, tmp_path, *args: str) -> int:
         "--out",
         str(tmp_path / "run"),
         *args,
-        env=job_env(),
+        env=env or job_env(),
         cwd=REPO,
     )
 
@@ -93,6 +94,7 @@ def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_p
         "train.eval_every=0",
         "distributed.heartbeat_timeout=20",
         "distributed.init_timeout=60",
+        env=job_env(JAXLM_DOCTOR="--sizes 4KiB --repeats 2"),  # preflight checks first
     )
     try:
         wait(lambda: len(train_steps(out)) >= 8, "8 steps of the first run", 300)
@@ -104,6 +106,7 @@ def test_sbatch_trains_on_two_tasks_and_a_usr1_requeues_and_resumes(slurm, tmp_p
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert int(info["Restarts"]) == 1
     assert "requeueing job" in log
+    assert log.count("jaxlm: preflight checks passed") == 2  # before each start
     stopped = int(log.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
     assert f"resumed from the checkpoint of step {stopped}" in log
     assert train_steps(out) == list(range(1, 61))  # each step once: the rerun went on from there
@@ -152,3 +155,31 @@ def test_a_hung_task_is_requeued_without_its_node_and_resumes(slurm, tmp_path):
         in (out / "logs" / "process-1.log").read_text()
     )
     assert "watchdog: no progress for" in log and "ending with exit code 76" in log
+
+
+def test_preflight_checks_that_find_a_slow_host_requeue_the_job_without_it(slurm, tmp_path):
+    """JAXLM_DOCTOR runs python -m jaxlm.doctor on every task before training; with task 2 made
+    3x slower it names that task's host, and the job is requeued held with the host excluded
+    (the cluster's only node: it then waits, and the test cancels it)."""
+    doctor = "--mesh dp=4,tp=2 --sizes 4KiB,64KiB debug.slow_process=2 debug.slow_factor=3"
+    job = submit_tiny_on_two_tasks(
+        slurm,
+        tmp_path,
+        "train.steps=2",
+        tasks=4,
+        env=job_env(devices=2, JAXLM_DOCTOR=doctor),
+    )
+    try:
+        held = wait(
+            lambda: (info := slurm.job(job)).get("ExcNodeList") == slurm.host and info,
+            "the requeued job with its node excluded",
+            300,
+        )
+    finally:
+        slurm.cancel(job)
+    assert held["JobState"] == "PENDING" and int(held["Restarts"]) == 1
+    log = (tmp_path / "job.out").read_text()
+    assert f"found {slurm.host} markedly slower than the others; requeueing job {job}" in log
+    result = json.loads(log.split("jaxlm: preflight result: ")[1].split("\n")[0])
+    assert [(o["process"], o["host"]) for o in result["outliers"]] == [(2, slurm.host)]
+    assert not train_steps(tmp_path / "run")  # nothing trained on the slow host
