@@ -134,6 +134,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
     )
 
 
+@jax.named_scope("loss")
 def _cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL):
     # float32 for the softmax: bf16 log-sum-exp over a 50k vocabulary loses the loss's digits.
     ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
@@ -193,12 +194,6 @@ def make_train_step(
         """One optimizer step; the update is dropped if the loss or gradients are not finite, or
         if the loss exceeds `loss_limit` (a spike; +inf to never skip on size)."""
         n_tokens = batch["weights"].astype(jnp.float32).sum()
-        micro_batches = jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(
-                sharding.split_rows(x, accumulation), micro_sharding
-            ),
-            batch,
-        )
         scale = state.loss_scale.value
 
         def objective(params, micro_batch):
@@ -207,15 +202,28 @@ def make_train_step(
             # gradient of the global mean loss, whatever the accumulation.
             return ce_sum / n_tokens * scale, ce_sum
 
+        def gradients(micro_batch):
+            (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
+            return grads, ce
+
         def accumulate(carry, micro_batch):
             grads_sum, ce_sum = carry
-            (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
+            grads, ce = gradients(micro_batch)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
             return (grads_sum, ce_sum + ce), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, ce_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), micro_batches)
+        if accumulation == 1:  # no loop: it would copy the parameters in and the gradients out
+            grads, ce_sum = gradients(batch)
+        else:
+            micro_batches = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(
+                    sharding.split_rows(x, accumulation), micro_sharding
+                ),
+                batch,
+            )
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, ce_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), micro_batches)
         grads = jax.tree.map(lambda g: g / scale, grads)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
 
@@ -223,15 +231,16 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         good = finite & (loss <= loss_limit)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A bad step keeps the old parameters and optimizer state (XLA fuses the select into the
-        # update, so the good path pays nothing for it).
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(good, new, old),
-            (params, opt_state),
-            (state.params, state.opt_state),
-        )
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            # A bad step keeps the old parameters and optimizer state (XLA fuses the select
+            # into the update, so the good path pays nothing for it).
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(good, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
         loss_scale = (
             state.loss_scale.adjust(finite, cfg.train.loss_scale_period)
             if float16

@@ -1,5 +1,8 @@
 """The pieces of a transformer block: norms, rotary positions, attention and the MLP.
 
+Each piece runs in a `jax.named_scope` (norm, rotary, attention, mlp), so profiles of the
+compiled step (benchmarks/cpu_profile.py, XProf, Nsight) name where the time goes.
+
 Conventions (nanodo's): a tensor's name ends in its shape, with B batch, L length, D d_model,
 N query heads, K key/value heads, H head dim, F MLP hidden, V vocabulary; a contraction with a
 weight is `dense` (one matmul over the flattened tokens), the others are einsums. Parameters
@@ -65,6 +68,7 @@ class Norm(nnx.Module):
         if cfg.norm == "layernorm":
             self.bias = param(rngs, zeros, (cfg.d_model,), ("embed",))
 
+    @jax.named_scope("norm")
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         x = x_BxLxD.astype(jnp.float32)
         if self.kind == "layernorm":
@@ -75,6 +79,7 @@ class Norm(nnx.Module):
         return y.astype(x_BxLxD.dtype)
 
 
+@jax.named_scope("rotary")
 def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
     """(sin, cos) of shape [B, L, H/2] for rotary embeddings at the given token positions."""
     fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
@@ -83,6 +88,7 @@ def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
     return jnp.sin(angle_BxLxHh), jnp.cos(angle_BxLxHh)
 
 
+@jax.named_scope("rotary")
 def apply_rotary(x_BxLxNxH: jax.Array, sin_BxLxHh: jax.Array, cos_BxLxHh: jax.Array):
     """Rotate the two halves of each head (the "rotate_half" layout that Hugging Face uses)."""
     x = x_BxLxNxH.astype(jnp.float32)
@@ -111,6 +117,7 @@ class Attention(nnx.Module):
         self.implementation = cfg.attention
         self.shard = shard
 
+    @jax.named_scope("attention")
     def __call__(self, x_BxLxD, rotary, mask_Bx1xLxL):
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary)
         implementation = attention_implementation(self.implementation, x_BxLxD.dtype)
@@ -232,6 +239,7 @@ class MLP(nnx.Module):
             self.up_bias = param(rngs, zeros, (F,), ("mlp",))
             self.down_bias = param(rngs, zeros, (D,), ("embed",))
 
+    @jax.named_scope("mlp")
     def __call__(self, x_BxLxD):
         dtype = x_BxLxD.dtype
         h_BxLxF = dense(x_BxLxD, self.up_proj[...].astype(dtype))

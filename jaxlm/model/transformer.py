@@ -111,6 +111,7 @@ class Transformer(nnx.Module):
         """
         return self.head(self.hidden(tokens_BxL, positions_BxL, segments_BxL))
 
+    @jax.named_scope("embed")
     def embed(self, tokens_BxL, positions_BxL):
         dtype = jnp.dtype(self.cfg.compute_dtype)
         x_BxLxD = self._lookup(self.embedding, "vocab", tokens_BxL)
@@ -148,6 +149,7 @@ class Transformer(nnx.Module):
             )
         return self._run_layers(graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL)
 
+    @jax.named_scope("head")
     def head(self, x_BxLxD):
         """The final norm and the output projection: logits [B, L, V]."""
         tokens = self._head_tokens(x_BxLxD.shape)
