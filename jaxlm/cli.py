@@ -21,10 +21,14 @@ from jaxlm.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, Diverged, Pree
 log = logging.getLogger("jaxlm")
 
 
+CONSOLE = "jaxlm-console"  # the name of the handler that setup_logging adds
+
+
 def setup_logging() -> None:
     """jaxlm's own lines on stdout, bare; JAX's and other libraries' loggers keep their levels."""
-    if not log.handlers:
+    if not any(h.get_name() == CONSOLE for h in log.handlers):
         handler = logging.StreamHandler(sys.stdout)
+        handler.set_name(CONSOLE)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -32,9 +36,10 @@ def setup_logging() -> None:
 
 
 def log_to_stderr() -> None:
-    """jaxlm's log lines on stderr, for the tools whose stdout is their product (text, results)."""
+    """jaxlm's log lines on stderr, for the tools whose stdout is their product (text, results).
+    Only its own handler moves: others (a test runner's capture) stay where they were."""
     for handler in log.handlers:
-        if isinstance(handler, logging.StreamHandler):
+        if handler.get_name() == CONSOLE:
             handler.setStream(sys.stderr)
 
 
