@@ -164,7 +164,11 @@ class Loop:
                 elif pending:
                     last_done, stop = record(*pending)
                 pending = (
-                    step, step_metrics, vote.cast(host_time), last_done, self.batches.taken()
+                    step,
+                    step_metrics,
+                    vote.cast(host_time),
+                    last_done,
+                    self.batches.taken(),
                 )
 
                 every = self.cfg.checkpoint.every

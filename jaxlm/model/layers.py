@@ -59,6 +59,18 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
+def recomputed(f):
+    """`f`, an elementwise function of matmul outputs, recomputed in the backward pass from its
+    inputs: only they are kept, not the intermediates autodiff would keep (a sigmoid, a
+    product). Megatron's recomputation of activation functions: in the layer scan every kept
+    [B, L, F] tensor is also a buffer that the scan stacks and zero-fills each step."""
+    return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def _swiglu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
 class Norm(nnx.Module):
     """RMSNorm (Llama) or LayerNorm (GPT-2), computed in float32 whatever the compute dtype."""
 
@@ -247,9 +259,9 @@ class MLP(nnx.Module):
             h_BxLxF += self.up_bias[...].astype(dtype)
         if self.kind == "swiglu":
             gate_BxLxF = dense(x_BxLxD, self.gate_proj[...].astype(dtype))
-            h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
+            h_BxLxF = recomputed(_swiglu)(gate_BxLxF, h_BxLxF)
         else:
-            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
+            h_BxLxF = recomputed(functools.partial(jax.nn.gelu, approximate=True))(h_BxLxF)
         h_BxLxF = self.shard(h_BxLxF, ("batch", "length", "mlp"))
         y_BxLxD = dense(h_BxLxF, self.down_proj[...].astype(dtype))
         if self.use_bias:
