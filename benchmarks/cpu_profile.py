@@ -1,11 +1,12 @@
 """Where the CPU train step's time goes, by op category, from XLA's own per-op timings.
 
-    python benchmarks/cpu_profile.py [--preset NAME | default: the peer shape] [--steps 3]
-                                     [--json OUT.json] [key=value ...]
+    python benchmarks/cpu_profile.py [--config PRESET] [--steps 3] [--json OUT.json]
+                                     [key=value ...]
 
 XLA:CPU brackets every HLO op with a profiler event when `--xla_cpu_enable_xprof_traceme` is
 set (here, before JAX starts). The script compiles the train step of the shape that
-benchmarks/peer_cpu.py compares with PyTorch (one device, float32, no recomputation), traces
+benchmarks/peer_cpu.py compares with PyTorch (one device, float32, no recomputation), or of
+`--config PRESET` with the overrides (one device, synthetic data), traces
 `--steps` steps with `jax.profiler`, and maps each event to its HLO instruction in the compiled
 module, whose metadata carries the model's named scopes (norm, rotary, attention, mlp, embed,
 head, loss, optimizer). It prints milliseconds per step in two tables:
@@ -93,8 +94,9 @@ def kind(name: str) -> str:
     return "other"
 
 
-def profile(overrides: list[str], steps: int) -> dict:
-    cfg = config_lib.load(None, [*PEER_SHAPE, *overrides])
+def profile(preset: str | None, overrides: list[str], steps: int) -> dict:
+    shape = ["data.source=synthetic"] if preset else list(PEER_SHAPE)
+    cfg = config_lib.load(preset, [*shape, *overrides])
     mesh = mesh_lib.make_mesh("dp=1", jax.devices()[:1])
     program = build_program(cfg, mesh)
     hlo = program.train_step.lower(*abstract_step_inputs(cfg, program)).compile().as_text()
@@ -138,11 +140,12 @@ def table(title: str, rows: dict[str, float], total: float) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="a preset instead of the peer shape")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("overrides", nargs="*", help="config overrides on top of the shape")
     args = parser.parse_args()
-    result = profile(args.overrides, args.steps)
+    result = profile(args.config, args.overrides, args.steps)
     total = result["op_ms_per_step"]
     print(
         f"train step: {result['wall_ms_per_step']:.0f} ms wall, {total:.0f} ms of ops "
