@@ -72,12 +72,12 @@ def model_flops_per_token_of(cfg, shapes) -> float:
 
 
 def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, counts: dict[str, int]) -> float:
-    """Model FLOPs plus the forward work that activation recomputation runs a second time."""
-    extra = 0.0
+    """Model FLOPs plus the forward work that runs a second time: the core attention always
+    (its scores are recomputed in the backward pass, by a flash kernel or jaxlm/model/layers.py
+    for XLA's), and the layers' weight matmuls too under full recomputation."""
+    extra = attention_flops_per_token(cfg, seq_len)
     if cfg.remat == "full":
-        extra = 2 * (counts["attention"] + counts["mlp"]) + attention_flops_per_token(cfg, seq_len)
-    elif cfg.remat == "save_dots":
-        extra = attention_flops_per_token(cfg, seq_len)
+        extra += 2 * (counts["attention"] + counts["mlp"])
     return model_flops_per_token(cfg, seq_len, counts) + extra
 
 

@@ -52,8 +52,9 @@ def estimate_activation_bytes(
 
     Per token and layer, in the compute dtype: `save_dots` keeps the layer input and every
     weight matmul's output (q, k, v, attention out, MLP in and out); `none` also keeps the norms'
-    float32 inputs, the rotated q and k, attention scores and probabilities (T per head with the
-    XLA implementation) and the MLP's activation; `full` keeps only the layer input. Tensor
+    float32 inputs, the rotated q and k and the MLP's activation; `full` keeps only the layer
+    input. The attention's scores and probabilities (T per head with the XLA implementation) are
+    recomputed in the backward pass under every policy: one layer's are a transient. Tensor
     parallelism divides the head- and MLP-sized parts. A device holds the tokens of its
     micro batch (all of a pipeline's microbatches, GPipe) for its L / pp layers; a recomputed
     layer works on one pipeline microbatch at a time, and the head on the micro batch split
@@ -65,13 +66,12 @@ def estimate_activation_bytes(
     q, kv = m.n_heads * m.dim_per_head / tp, 2 * m.kv_heads * m.dim_per_head / tp
     mlp_in = (2 if m.mlp == "swiglu" else 1) * F / tp
     save_dots = c * (D + q + kv + D + mlp_in + D)
-    everything = (
-        save_dots + 2 * 4 * D + c * (q + kv / 2) + (c + 4) * m.n_heads / tp * T + c * (q + mlp_in)
-    )
+    everything = save_dots + 2 * 4 * D + c * (q + kv / 2) + c * (q + mlp_in)
+    scores = (c + 4) * m.n_heads / tp * T  # one layer's, while its backward pass runs
     per_layer = {"none": everything, "save_dots": save_dots, "full": c * D}[m.remat]
     tokens = micro_batch * T
     layers = m.n_layers // stages
-    transient = tokens / microbatches * everything if m.remat == "full" else 0
+    transient = tokens / microbatches * (scores + (everything if m.remat == "full" else 0))
     # logits in the compute dtype, their float32 softmax and its gradient
     logits = tokens / stages * m.vocab_size / tp * (c + 4 + 4)
     return int(tokens * layers * per_layer + transient + logits)
