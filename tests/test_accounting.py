@@ -1,5 +1,6 @@
 """FLOPs, MFU and energy: the arithmetic against hand counts, the per-step rows against it."""
 
+import json
 import os
 import stat
 import time
@@ -11,7 +12,7 @@ import pytest
 from conftest import train_rows
 from jaxlm import config as config_lib
 from jaxlm import mesh, train, training
-from jaxlm.cost import energy, flops
+from jaxlm.cost import energy, flops, hardware
 from jaxlm.model import describe
 
 
@@ -199,3 +200,25 @@ def test_a_resumed_run_carries_its_energy_and_tokens_on():
     ]
     assert resume_totals(kept) == (2.5, 20.0)
     assert resume_totals([{"step": 1, "tokens": 10.0}]) == (0.0, 0)  # measured nothing before
+
+
+def test_the_cpu_peak_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path))
+    calls = []
+
+    def measure(dtype):
+        calls.append(dtype)
+        return 0.5 if dtype == "float32" else 1.0
+
+    peak = hardware.cpu_peak_tflops.__wrapped__  # past the per-process cache
+    assert peak("float32", measure) == 0.5 and peak("bfloat16", measure) == 1.0
+    assert peak("float32", measure) == 0.5  # from the file now
+    assert calls == ["float32", "bfloat16"]
+    assert len(json.loads((tmp_path / "cpu-peak.json").read_text())) == 2
+    (tmp_path / "cpu-peak.json").write_text("{not json")  # a damaged cache is measured anew
+    assert peak("float32", measure) == 0.5 and calls[-1] == "float32"
+
+
+def test_the_cpu_peak_is_the_best_sustained_window_of_square_matmuls():
+    one = hardware.measure_matmul_tflops("float32", sizes=(128,), window_s=0.01, windows=2)
+    assert 0 < one < 100  # TFLOP/s: a CPU, not a data sheet
