@@ -202,28 +202,24 @@ def make_train_step(
             # gradient of the global mean loss, whatever the accumulation.
             return ce_sum / n_tokens * scale, ce_sum
 
-        def gradients(micro_batch):
-            (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
-            return grads, ce
-
         def accumulate(carry, micro_batch):
             grads_sum, ce_sum = carry
-            grads, ce = gradients(micro_batch)
+            (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
             return (grads_sum, ce_sum + ce), None
 
-        if accumulation == 1:  # no loop: it would copy the parameters in and the gradients out
-            grads, ce_sum = gradients(batch)
-        else:
-            micro_batches = jax.tree.map(
-                lambda x: jax.lax.with_sharding_constraint(
-                    sharding.split_rows(x, accumulation), micro_sharding
-                ),
-                batch,
-            )
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, ce_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), micro_batches)
+        # A loop even for one micro batch: without it XLA's buffers for GPT-3 175B on one
+        # Frontier replica grow by 2.5 GB per device (97.7 -> 100.2 GB), and the CPU step
+        # gains nothing measurable.
+        micro_batches = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                sharding.split_rows(x, accumulation), micro_sharding
+            ),
+            batch,
+        )
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, ce_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), micro_batches)
         grads = jax.tree.map(lambda g: g / scale, grads)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
 
