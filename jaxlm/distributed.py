@@ -17,15 +17,12 @@ default under Slurm), or all of a node's devices in one task; on CPU every proce
 `JAX_NUM_CPU_DEVICES` fake devices.
 """
 
-import json
 import logging
 import os
 import pathlib
 import sys
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxlm.config import DistributedConfig
 from jaxlm.errors import UsageError
@@ -81,12 +78,3 @@ def log_to_file(out_dir: pathlib.Path | None) -> None:
     log.info(
         "process %d of %d, %d local devices", index, jax.process_count(), jax.local_device_count()
     )
-
-
-def gather_json(obj) -> list:
-    """`obj` (anything JSON can write) of every process, in process order, on every process:
-    padded UTF-8 bytes through one all-gather of their length and one of the bytes."""
-    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
-    longest = int(multihost_utils.process_allgather(np.int32(data.size)).max())
-    rows = multihost_utils.process_allgather(np.pad(data, (0, longest - data.size)))
-    return [json.loads(bytes(row).rstrip(b"\0")) for row in np.atleast_2d(rows)]

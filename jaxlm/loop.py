@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm import distributed, sharding
+from jaxlm import sharding
 from jaxlm.config import Config, TrainConfig
 from jaxlm.errors import Diverged, Preempted
 from jaxlm.stragglers import Slowdown, Stragglers
@@ -101,9 +102,7 @@ class Loop:
         bad = BadSteps(t)
         poison = _poisoner(self.cfg, self.program.batch_sharding)
         vote = _StopVote(self.stop, mesh)
-        stragglers = Stragglers(
-            t.straggler_every, t.straggler_margin, distributed.gather_json(socket.gethostname())
-        )
+        stragglers = Stragglers(t.straggler_every, t.straggler_margin, hostnames())
         slow = _slowdown(self.cfg)
         step = int(jax.device_get(state.step))
         saved_step = resumed_from = step
@@ -263,6 +262,17 @@ class _StopVote:
                 for x in (flags, times)
             )
         return self._gather(flags, times)  # the vote, and host times by process index
+
+
+def hostnames() -> list[str]:
+    """Every process's host name, by process index (one gather, before the loop)."""
+    if jax.process_count() == 1:
+        return [socket.gethostname()]
+    name = np.zeros(256, np.uint8)
+    encoded = socket.gethostname().encode()[:256]
+    name[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    names = np.asarray(multihost_utils.process_allgather(name))
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in names]
 
 
 def _slowdown(cfg: Config) -> Slowdown:

@@ -9,6 +9,7 @@ work and how the verdict is reached is told in that command's documentation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -209,6 +210,16 @@ def report() -> dict:
     }
 
 
+def gather_json(obj) -> list:
+    """`obj` of every process, in process order, on every process (as padded UTF-8 bytes)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    longest = int(multihost_utils.process_allgather(np.int32(data.size)).max())
+    rows = multihost_utils.process_allgather(np.pad(data, (0, longest - data.size)))
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
+
+
 def gather_times(times: list[list[float]], repeats: int) -> np.ndarray:
     """[process][measurement][repeat] seconds, the same on every process."""
     from jax.experimental import multihost_utils
@@ -391,10 +402,9 @@ def run(cfg, mesh: Mesh, sizes: Sequence[int], repeats: int) -> dict:
     """Every check, on every process; the result, from everyone's measurements, on each."""
     import jax
 
-    from jaxlm import distributed
     from jaxlm.mesh import describe
 
-    reports = distributed.gather_json(report())
+    reports = gather_json(report())
     hosts = [r["host"] for r in reports]
     slow = cfg.debug.slow_process == jax.process_index()
     clock = Clock(make_barrier(mesh), cfg.debug.slow_factor if slow else 1.0)
