@@ -58,9 +58,9 @@ launch script can requeue without the hosts it names (launch/slurm-run.sh with J
 set); 2 for bad input, before any measurement.
 
 `debug.slow_process=P debug.slow_factor=F` injects a fault: before every timed operation process
-P sleeps F - 1 times the operation's unslowed duration (the median of every process's
-CALIBRATION runs of it), and its timer counts the sleep, as a slow host would make its peers
-wait.
+P sleeps F - 1 times the operation's unslowed duration (the median over every process of an
+unslowed run made just before, in each repeat, so that the delay follows the machine's load),
+and its timer counts the sleep, as a slow host would make its peers wait.
 """
 
 from __future__ import annotations

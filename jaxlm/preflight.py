@@ -34,7 +34,6 @@ MAX_SHIFTS = 8  # each shift compiles its own permutes: n - 1 of them would not 
 # The pair test times each link PAIR_REPEATS x --repeats times: a verdict needs more evidence
 # than a row of the table, and its permutes take a millisecond or less.
 PAIR_REPEATS = 3
-CALIBRATION = 3  # unslowed runs of each operation, whose median a slowed process stretches
 # On two CPU cores shared by three or four processes, healthy scores stayed within 1.7x of the
 # others' median and a process slowed 3x scored 3.2x or more: 2x sits between, and a host that
 # halves the speed of a synchronous job is the one to requeue without. The floor keeps jitter of
@@ -238,26 +237,35 @@ class Clock:
     them on the process a fault is injected into (slow_factor > 1)."""
 
     barrier: Callable[[], object]
-    slow_factor: float = 1.0
+    slow_factor: float = 1.0  # this process's
+    injected: bool = False  # whether a fault is injected into any process: all then calibrate
 
     def time(self, runs: Sequence[Callable[[], object]], repeats: int) -> list[list[float]]:
         """`repeats` times of each of `runs` (each blocks until its result is ready), after a
-        warm-up that compiles them and CALIBRATION unslowed runs that set the injected delay.
-        Repeat r of every run comes before repeat r+1 of any: a passing stall (another job's
-        burst on the same cores) then lands in one repeat of many runs, not in all of one."""
+        warm-up that compiles them. Repeat r of every run comes before repeat r+1 of any: a
+        passing stall (another job's burst on the same cores) then lands in one repeat of many
+        runs, not in all of one."""
         if not runs:
             return []
         for run in runs:
             run()
-        unslowed = [[self._once(run, 0.0) for _ in range(CALIBRATION)] for run in runs]
-        # An operation's unslowed duration is everyone's median: the slowed process's own can be
-        # near zero (it starts last and finds its data waiting), and F x 0 slows nothing.
-        delays = (self.slow_factor - 1) * np.median(gather_times(unslowed, CALIBRATION), (0, 2))
         times: list[list[float]] = [[] for _ in runs]
         for _ in range(repeats):
+            delays = self._delays(runs)
             for run, delay, out in zip(runs, delays, times, strict=True):
                 out.append(self._once(run, float(delay)))
         return times
+
+    def _delays(self, runs: Sequence[Callable[[], object]]) -> Sequence[float]:
+        """The injected delay of each run in the coming repeat: F - 1 times its unslowed duration,
+        the median of one unslowed run on every process made just before. Measured anew in every
+        repeat, the delay follows the load of the machine: calibrated once, in a quiet moment, it
+        would stretch a later, busier repeat by less than F. Everyone's median, since the slowed
+        process's own duration can be near zero (it starts last and finds its data waiting)."""
+        if not self.injected:
+            return [0.0] * len(runs)
+        unslowed = [[self._once(run, 0.0)] for run in runs]
+        return (self.slow_factor - 1) * np.median(gather_times(unslowed, 1), (0, 2))
 
     def _once(self, run: Callable[[], object], delay: float) -> float:
         self.barrier()  # everyone starts together: whoever is slow is then waited for
@@ -407,7 +415,11 @@ def run(cfg, mesh: Mesh, sizes: Sequence[int], repeats: int) -> dict:
     reports = gather_json(report())
     hosts = [r["host"] for r in reports]
     slow = cfg.debug.slow_process == jax.process_index()
-    clock = Clock(make_barrier(mesh), cfg.debug.slow_factor if slow else 1.0)
+    clock = Clock(
+        make_barrier(mesh),
+        cfg.debug.slow_factor if slow else 1.0,
+        injected=cfg.debug.slow_process is not None,
+    )
     start = time.perf_counter()
     rows, axis_times = measure_axes(mesh, clock, sizes, repeats)
     pair_elements = max(1, max(sizes) // 4)  # the largest size: a slow link shows in bandwidth
