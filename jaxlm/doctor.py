@@ -43,7 +43,9 @@ config's mesh, dp=-1 over all devices). Every process takes part in three checks
    scores, and with few processes the median itself). With fewer than three processes a slow
    link slows both of its ends alike and nobody can be singled out. The table lists each
    process's score, the others' median ("others us") and their ratio ("factor"); its last
-   line is the verdict, naming each outlier's host and process.
+   line is the verdict, naming each outlier's host and process. A process named is measured
+   once more: the pair test runs again, and only the processes it names too are outliers (a
+   slow host stays slow; a passing stall of the machine does not). Those cleared are marked.
 
 The pair test, not the axes, decides: in a collective across processes everyone waits for the
 slowest member, so the axes show that something is slow but not who.
@@ -184,6 +186,7 @@ def render_pairs(pairs: dict) -> list[str]:
         lines.append(
             f"{s['process']:>7}  {s['host']:<24} {s['score_us']:9.1f} {s['median_us']:9.1f} "
             f"{s['factor']:6.2f}{'  OUTLIER' if s['outlier'] else ''}"
+            f"{'  (not named by a second pair test)' if s.get('cleared') else ''}"
         )
     return lines + ([pairs["note"]] if pairs["note"] else [])
 

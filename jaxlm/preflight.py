@@ -406,6 +406,25 @@ def summarise_pairs(shifts, times: np.ndarray, nbytes: int, hosts) -> dict:
     }
 
 
+def pair_test(mesh: Mesh, clock: Clock, elements: int, repeats: int, hosts) -> dict:
+    """The pair test, measured and summarised (the same result on every process)."""
+    shifts, times = measure_pairs(mesh, clock, elements, repeats)
+    return summarise_pairs(shifts, gather_times(times, repeats), 4 * elements, hosts)
+
+
+def confirm(pairs: dict, again: dict) -> None:
+    """Keep as outliers only the processes that a second pair test names too. A slow host stays
+    slow, while a stall of the machine's other tenants passes: on two cores shared by four
+    processes and a training run, a healthy process scored above 2x in one of twenty runs, and
+    a requeue without a sound node costs more than a second minute of measuring."""
+    named_again = {s["process"] for s in again["scores"] if s["outlier"]}
+    for s in pairs["scores"]:
+        if s["outlier"] and s["process"] not in named_again:
+            s["outlier"] = False
+            s["cleared"] = True  # named by the first test, not by the second
+    pairs["confirmation"] = again["scores"]
+
+
 def run(cfg, mesh: Mesh, sizes: Sequence[int], repeats: int) -> dict:
     """Every check, on every process; the result, from everyone's measurements, on each."""
     import jax
@@ -423,16 +442,17 @@ def run(cfg, mesh: Mesh, sizes: Sequence[int], repeats: int) -> dict:
     start = time.perf_counter()
     rows, axis_times = measure_axes(mesh, clock, sizes, repeats)
     pair_elements = max(1, max(sizes) // 4)  # the largest size: a slow link shows in bandwidth
-    shifts, pair_times = measure_pairs(mesh, clock, pair_elements, PAIR_REPEATS * repeats)
+    pairs = pair_test(mesh, clock, pair_elements, PAIR_REPEATS * repeats, hosts)
     if jax.process_index() == 0:
         log.info(
             "measured %d axis operations and %d pair shifts in %.1f s, compiling included",
             len(rows),
-            len(shifts),
+            len(pairs["shifts"]),
             time.perf_counter() - start,
         )
-    pair_times = gather_times(pair_times, PAIR_REPEATS * repeats)
-    pairs = summarise_pairs(shifts, pair_times, 4 * pair_elements, hosts)
+    suspects = {s["process"] for s in pairs["scores"] if s["outlier"]}
+    if suspects:  # the same on every process: the scores come from everyone's times
+        confirm(pairs, pair_test(mesh, clock, pair_elements, PAIR_REPEATS * repeats, hosts))
     outliers = [s for s in pairs["scores"] if s["outlier"]]
     return {
         "healthy": not outliers,

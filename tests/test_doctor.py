@@ -49,6 +49,25 @@ def test_a_late_leaver_of_the_barrier_is_not_a_slow_host():
     assert not any(r["outlier"] for r in preflight.assess(links, HOSTS))
 
 
+def test_only_a_process_that_a_second_pair_test_names_too_is_an_outlier():
+    def pairs(slow):
+        scores = preflight.assess(links_with(slow=slow), HOSTS)
+        return {"scores": scores}
+
+    first = pairs(slow=2)
+    preflight.confirm(first, pairs(slow=2))  # a slow host stays slow
+    assert [s["process"] for s in first["scores"] if s["outlier"]] == [2]
+    passing = pairs(slow=1)
+    preflight.confirm(passing, pairs(slow=None))  # a stall that passed
+    assert not any(s["outlier"] for s in passing["scores"])
+    assert [s["process"] for s in passing["scores"] if s.get("cleared")] == [1]
+    assert "not named by a second pair test" in "\n".join(
+        doctor.render_pairs(
+            {"bytes": 4096, "links_us": [], "scores": passing["scores"], "note": None}
+        )
+    )
+
+
 def test_microseconds_of_jitter_never_count():
     rows = preflight.assess(links_with(slow=3, base=5e-6), HOSTS)  # 3x of 5 us is 10 us more
     assert rows[3]["factor"] > preflight.OUTLIER_FACTOR and not rows[3]["outlier"]
