@@ -1,5 +1,7 @@
 """The model against a plain NumPy transformer, and causality through gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import nnx
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm.model import Transformer
+from jaxlm.model import Transformer, layers
 
 LLAMA_STYLE = ["model.n_kv_heads=2", "model.rope_theta=500000"]
 GPT_STYLE = [
@@ -18,6 +20,11 @@ GPT_STYLE = [
     "model.tie_embeddings=true",
     "model.use_bias=true",
 ]
+
+
+# The XLA attention's query blocks (layers.QUERY_BLOCK): the default, one block at these lengths,
+# and 4 tokens, so that sequences of 12 and 16 run in blocks, a document boundary inside one.
+QUERY_BLOCKS = pytest.mark.parametrize("query_block", [layers.QUERY_BLOCK, 4], ids=["whole", "q4"])
 
 
 def small(*overrides):
@@ -82,8 +89,10 @@ def reference_logits(cfg, params, tokens):
     return x @ head
 
 
+@QUERY_BLOCKS
 @pytest.mark.parametrize("style", [LLAMA_STYLE, GPT_STYLE], ids=["llama", "gpt2"])
-def test_logits_equal_a_plain_numpy_transformer(style):
+def test_logits_equal_a_plain_numpy_transformer(style, query_block, monkeypatch):
+    monkeypatch.setattr(layers, "QUERY_BLOCK", query_block)
     cfg = small(*style)
     graphdef, params = model_lib.build(cfg, jax.random.key(1))
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size))
@@ -93,10 +102,12 @@ def test_logits_equal_a_plain_numpy_transformer(style):
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
 
 
+@QUERY_BLOCKS
 @pytest.mark.parametrize("style", [LLAMA_STYLE, GPT_STYLE], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
-def test_no_position_sees_the_future(style, remat):
+def test_no_position_sees_the_future(style, remat, query_block, monkeypatch):
     """d loss_t / d x_s = 0 for every input embedding x_s after t, and != 0 up to t."""
+    monkeypatch.setattr(layers, "QUERY_BLOCK", query_block)
     cfg = small(*style, f"model.remat={remat}")
     model = Transformer(cfg, rngs=nnx.Rngs(params=0))
     L, t = 16, 6
@@ -131,7 +142,9 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
     )
 
 
-def test_documents_in_one_row_do_not_see_each_other():
+@QUERY_BLOCKS
+def test_documents_in_one_row_do_not_see_each_other(query_block, monkeypatch):
+    monkeypatch.setattr(layers, "QUERY_BLOCK", query_block)
     cfg = small()
     graphdef, params = model_lib.build(cfg, jax.random.key(7))
     doc_a = jax.random.randint(jax.random.key(8), (1, 5), 0, cfg.vocab_size)
@@ -142,6 +155,34 @@ def test_documents_in_one_row_do_not_see_each_other():
     alone = model_lib.apply(graphdef, params, doc_b)
     together = model_lib.apply(graphdef, params, packed, positions, segments)
     np.testing.assert_allclose(together[:, 5:], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_blocks", [16, 2], ids=["3x128", "2x192"])
+def test_attention_in_query_blocks_equals_the_whole_square_with_the_same_gradients(
+    max_blocks, monkeypatch
+):
+    """Three blocks of QUERY_BLOCK queries (or two larger ones, at most 2 blocks), with and
+    without documents packed in the rows (a boundary inside a block): outputs and gradients of
+    q, k and v equal the unblocked attention's."""
+    monkeypatch.setattr(layers, "MAX_QUERY_BLOCKS", max_blocks)
+    L = 3 * layers.QUERY_BLOCK
+    keys = jax.random.split(jax.random.key(11), 4)
+    q = jax.random.normal(keys[0], (2, L, 4, 16))
+    k, v = (jax.random.normal(key, (2, L, 2, 16)) for key in keys[1:3])
+    segments = jnp.where(jnp.arange(L) < L // 2 + 5, 1, 2)[None].repeat(2, 0)
+    weights = jax.random.normal(keys[3], (2, L, 4, 16))
+    whole = functools.partial(layers.Attention.attend, is_causal=True, implementation="xla")
+    blocked = functools.partial(layers.causal_attention_in_blocks, attend=layers.Attention.attend)
+    for mask in (None, segments[:, None, :, None] == segments[:, None, None, :]):
+
+        def loss(attention, q, k, v, mask=mask):
+            return (attention(q, k, v, mask) * weights).sum()
+
+        np.testing.assert_allclose(blocked(q, k, v, mask), whole(q, k, v, mask), atol=1e-5)
+        grads = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+        expected = jax.grad(functools.partial(loss, whole), argnums=(0, 1, 2))(q, k, v)
+        for got, want in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_parameter_count_of_the_presets():

@@ -133,14 +133,18 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD, rotary, mask_Bx1xLxL):
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary)
         implementation = attention_implementation(self.implementation, x_BxLxD.dtype)
-        attend = functools.partial(self.attend, is_causal=True, implementation=implementation)
         if implementation == "xla":
             # Megatron's selective recomputation: the backward pass recomputes the [B, N, L, L]
             # scores and probabilities from q, k and v rather than keeping them, as a flash
             # kernel does. They are the largest activation, and with the layer scan they would
             # also need a zero-filled stacking buffer: on CPU storing them cost more than the
             # recomputation.
-            attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
+            attend = jax.checkpoint(
+                functools.partial(causal_attention_in_blocks, attend=self.attend),
+                policy=jax.checkpoint_policies.nothing_saveable,
+            )
+        else:
+            attend = functools.partial(self.attend, is_causal=True, implementation=implementation)
         out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)
         return self.output(out_BxLxNxH)
 
@@ -216,6 +220,47 @@ class Attention(nnx.Module):
         if self.use_bias:
             y_BxLxD += self.o_bias[...].astype(dtype)
         return y_BxLxD
+
+
+# Queries per block of the XLA attention's causal block skipping (causal_attention_in_blocks):
+# 128 ran gpt-124m's attention (seq 1,024) fastest on the development machine, ahead of 256.
+# Blocks are unrolled in the layer's program: longer sequences take larger blocks rather than
+# more of them, so that compiling stays short (16 blocks skip 47 % of the square).
+QUERY_BLOCK = 128
+MAX_QUERY_BLOCKS = 16
+
+
+def causal_attention_in_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, *, attend):
+    """Causal attention with the masked-out work skipped, as a flash kernel skips it: queries in
+    n blocks, each attending to the keys up to its own last position only. XLA's attention
+    computes every [L, L] score and masks half of them away; the blocks' scores and
+    probabilities cover (n + 1) / 2n of that square (56 % at seq 1,024), in the forward and
+    backward pass alike. The result is the same (every query sees the same keys, softmax over
+    the same scores). A sequence that is one block, or does not split evenly, runs whole.
+
+    `mask` [B, 1, L, L] (documents of packed rows) or None; `attend` is Attention.attend."""
+    L = q_BxLxNxH.shape[1]
+    n = min(L // QUERY_BLOCK, MAX_QUERY_BLOCKS)
+    if n < 2 or L % n:
+        return attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, is_causal=True, implementation="xla")
+    size = L // n
+    blocks = []
+    for start in range(0, L, size):
+        end = start + size  # queries start .. end-1 see keys 0 .. end-1, causally
+        causal_QxS = jnp.arange(end)[None, :] <= start + jnp.arange(size)[:, None]
+        block_mask = causal_QxS[None, None]
+        if mask is not None:
+            block_mask = block_mask & mask[:, :, start:end, :end]
+        out = attend(
+            q_BxLxNxH[:, start:end],
+            k_BxLxKxH[:, :end],
+            v_BxLxKxH[:, :end],
+            block_mask,
+            is_causal=False,
+            implementation="xla",
+        )
+        blocks.append(out)
+    return jnp.concatenate(blocks, axis=1)
 
 
 class LayerCache(NamedTuple):
