@@ -76,8 +76,8 @@ def render(plan: dict) -> str:
         f"FLOPs per token: model {plan['flops_per_token']:.4g} (6N + attention), hardware "
         f"{plan['hardware_flops_per_token']:.4g} (with recomputation)"
         + (
-            f", XLA {plan['xla_flops_per_token']:.4g} (compiled matmuls; attention not "
-            f"causally halved)"
+            f", XLA {plan['xla_flops_per_token']:.4g} (compiled matmuls; the attention's "
+            f"diagonal blocks whole)"
             if "xla_flops_per_token" in plan
             else ""
         ),

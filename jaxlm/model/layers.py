@@ -230,6 +230,12 @@ QUERY_BLOCK = 128
 MAX_QUERY_BLOCKS = 16
 
 
+def query_blocks(length: int) -> int:
+    """How many query blocks causal_attention_in_blocks splits a sequence into (1: whole)."""
+    n = min(length // QUERY_BLOCK, MAX_QUERY_BLOCKS)
+    return n if n >= 2 and length % n == 0 else 1
+
+
 def causal_attention_in_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, *, attend):
     """Causal attention with the masked-out work skipped, as a flash kernel skips it: queries in
     n blocks, each attending to the keys up to its own last position only. XLA's attention
@@ -240,8 +246,8 @@ def causal_attention_in_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, *, attend)
 
     `mask` [B, 1, L, L] (documents of packed rows) or None; `attend` is Attention.attend."""
     L = q_BxLxNxH.shape[1]
-    n = min(L // QUERY_BLOCK, MAX_QUERY_BLOCKS)
-    if n < 2 or L % n:
+    n = query_blocks(L)
+    if n == 1:
         return attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, is_causal=True, implementation="xla")
     size = L // n
     blocks = []
