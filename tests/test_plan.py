@@ -42,7 +42,7 @@ def test_plan_bytes_match_the_shards_of_a_real_state(preset, spec, extra):
 
 
 @pytest.mark.slow
-def test_compiled_matmul_flops_are_the_arithmetic_with_full_attention():
+def test_compiled_matmul_flops_are_the_arithmetic_with_the_attentions_query_blocks():
     """XLA's attention computes the causal square in n query blocks, each over the keys up to
     its end: (n + 1) / 2n of the T x T scores, where the arithmetic counts the causal half. Its
     count is the hardware FLOPs plus 1/n of that half, forward and backward (n = 1: the whole

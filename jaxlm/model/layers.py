@@ -163,7 +163,7 @@ class Attention(nnx.Module):
         T, S = x_BxTxD.shape[1], k_BxSxKxH.shape[1]
         # Query t (at position start + t) sees cache entries 0 .. start + t: the earlier tokens
         # and itself; the entries not yet written lie beyond and are masked out.
-        mask_TxS = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
+        mask_TxS = causal_mask(T, S, start)
         # XLA's attention: the mask is not the square causal one cuDNN's fused kernel takes,
         # and a one-token query gains nothing from a flash kernel.
         out_BxTxNxH = self.attend(
@@ -253,8 +253,7 @@ def causal_attention_in_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, *, attend)
     blocks = []
     for start in range(0, L, size):
         end = start + size  # queries start .. end-1 see keys 0 .. end-1, causally
-        causal_QxS = jnp.arange(end)[None, :] <= start + jnp.arange(size)[:, None]
-        block_mask = causal_QxS[None, None]
+        block_mask = causal_mask(size, end, start)[None, None]
         if mask is not None:
             block_mask = block_mask & mask[:, :, start:end, :end]
         out = attend(
@@ -267,6 +266,11 @@ def causal_attention_in_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, *, attend)
         )
         blocks.append(out)
     return jnp.concatenate(blocks, axis=1)
+
+
+def causal_mask(queries: int, keys: int, start) -> jax.Array:
+    """[queries, keys]: query t, at position start + t, sees keys 0 .. start + t."""
+    return jnp.arange(keys)[None, :] <= start + jnp.arange(queries)[:, None]
 
 
 class LayerCache(NamedTuple):
