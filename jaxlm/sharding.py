@@ -7,10 +7,13 @@ The model names every dimension of every weight and activation with a logical na
     ------------   ------------------   -------------------------------------------------------
     batch          data, fsdp           data parallelism over both (FSDP is data parallel too)
     layers         pipeline             pipeline stages: each holds a slice of the layer stack
-    pipeline_batch pipeline, data, fsdp the head's batch under pipelining: data parallel over the
-                                        stages too
-    pipeline_length pipeline            ... or, where the batch does not divide, its tokens split
-                                        over the stages by position (the head is per token)
+    pipeline_batch data, fsdp, pipeline the embedding's and the head's batch under pipelining:
+                                        data parallel over the stages too, each stage's rows
+                                        within its replica's (the stream's cells, below)
+    pipeline_length pipeline            ... or, where the batch does not divide, their tokens
+                                        split over the stages by position (both are per token)
+    microbatches   pipeline             the pipeline's stream of microbatches, split over the
+                                        stages (jaxlm/model/pipeline.py)
     embed          fsdp                 ZeRO-3: every weight, its gradient and Adam state split
                                         along d_model; XLA all-gathers a layer's weights before
                                         use and reduce-scatters its gradients
@@ -53,8 +56,9 @@ RULES: Rules = {
     "positions": (),
     # activations
     "batch": ("data", "fsdp"),
-    "pipeline_batch": ("pipeline", "data", "fsdp"),
+    "pipeline_batch": ("data", "fsdp", "pipeline"),
     "pipeline_length": ("pipeline",),
+    "microbatches": ("pipeline",),
     "length": (),
     "act_embed": (),
 }
@@ -159,7 +163,11 @@ class ActivationSharding:
     def __call__(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         if self.mesh is None:
             return x
-        return jax.lax.with_sharding_constraint(x, named(self.mesh, names, dict(self.rules)))
+        # Inside a shard_map (the pipeline's stages) a constraint names the mesh as the
+        # shard_map sees it, its manual axes marked; the activations' names never use them.
+        context = jax.sharding.get_abstract_mesh()
+        mesh = context if context.manual_axes else self.mesh
+        return jax.lax.with_sharding_constraint(x, named(mesh, names, dict(self.rules)))
 
     def fits(self, shape: tuple[int, ...], names: tuple[str | None, ...]) -> bool:
         """Whether every dimension divides by the mesh axes that `names` put on it."""

@@ -77,6 +77,58 @@ def test_pipelined_losses_and_gradients_equal_the_unpipelined_model(
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
+def packed_batch(rows: int, length: int, vocab: int) -> dict:
+    """Token rows of two documents each (split at a different place in every row), with
+    per-document positions and segment ids, as the data pipeline packs them."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (rows, length + 1))
+    cut = 1 + np.arange(rows)[:, None] * 3 % (length - 2)
+    column = np.arange(length)[None, :]
+    second = column >= cut
+    return {
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "weights": np.ones((rows, length), np.float32),
+        "positions": np.where(second, column - cut, column).astype(np.int32),
+        "segments": (1 + second).astype(np.int32),
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, rows, microbatches",
+    [
+        ("pp=4", 6, 6),  # M not a multiple of S: the stream is padded; the head splits by position
+        ("pp=2,dp=2", 8, 2),  # two sequences per microbatch and replica
+    ],
+)
+def test_packed_documents_and_uneven_microbatches_give_the_unpipelined_gradients(
+    tiny_cfg, spec, rows, microbatches
+):
+    overrides = (*FOUR_LAYERS, f"train.global_batch_size={rows}")
+    cfg = tiny_cfg(*overrides, f"train.microbatches={microbatches}")
+    batch = packed_batch(rows, cfg.train.seq_len, cfg.model.vocab_size)
+
+    def loss_and_gradients(cfg, m):
+        program = build_program(cfg, m)
+        params = program.init(jax.random.key(0)).params
+        placed = jax.device_put(batch, program.batch_sharding)
+        loss_sums = make_loss_fn(program.spec.graphdef)
+
+        def loss(params):
+            total, tokens = loss_sums(params, placed)
+            return total / tokens
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    want_loss, want = loss_and_gradients(tiny_cfg(*overrides), mesh("dp=1"))
+    got_loss, got = loss_and_gradients(cfg, mesh(spec))
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for (path, w), g in zip(
+        jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True
+    ):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
 def test_each_stage_holds_only_its_share_of_the_layer_stack(tiny_cfg):
     for spec, extra in (("pp=4,dp=2", []), ("pp=2,tp=2,dp=2", ["train.pipeline_repeats=2"])):
         program = build_program(tiny_cfg(*FOUR_LAYERS, *extra), mesh(spec))
@@ -122,20 +174,13 @@ def test_activations_move_by_collective_permute_and_weights_never_gather(tiny_cf
 
 
 def test_the_weight_gather_check_catches_a_pipeline_that_gathers(tiny_cfg, monkeypatch):
-    """The check above can fail: a pipeline that replicates its stages' weights is caught."""
-    from jax.sharding import NamedSharding, PartitionSpec
+    """The check above can fail: a pipeline that gives every stage the whole stack is caught."""
+    from jax.sharding import PartitionSpec
 
     from jaxlm.model import pipeline
 
-    m = mesh("pp=2,dp=2,tp=2")
-    original = pipeline.to_stages
-
-    def gathering(w, spec):
-        w = jax.lax.with_sharding_constraint(w, NamedSharding(m, PartitionSpec()))
-        return original(w, spec)
-
-    monkeypatch.setattr(pipeline, "to_stages", gathering)
-    program, hlo = compiled_train_step(tiny_cfg(*FOUR_LAYERS), m)
+    monkeypatch.setattr(pipeline, "weight_spec", lambda spec: PartitionSpec())
+    program, hlo = compiled_train_step(tiny_cfg(*FOUR_LAYERS), mesh("pp=2,dp=2,tp=2"))
     assert stacked_weight_gathers(program, hlo, repeats=False)
 
 

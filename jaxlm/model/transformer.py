@@ -117,7 +117,9 @@ class Transformer(nnx.Module):
         x_BxLxD = self._lookup(self.embedding, "vocab", tokens_BxL)
         if self.cfg.positions == "learned":
             x_BxLxD += self._lookup(self.position_embedding, "positions", positions_BxL)
-        return self.shard(x_BxLxD.astype(dtype), ("batch", "length", "act_embed"))
+        # under a pipeline each stage embeds only the tokens of its own share of the stream
+        tokens = self._split_tokens((*tokens_BxL.shape, self.cfg.d_model))
+        return self.shard(x_BxLxD.astype(dtype), (*tokens, "act_embed"))
 
     def _lookup(self, table, rows: str, ids_BxL):
         # Gather the table's d_model over fsdp first, as FSDP does for every weight: XLA's
@@ -146,27 +148,35 @@ class Transformer(nnx.Module):
                 positions_BxL,
                 segments_BxL,
                 self.stages,
+                self.shard,
             )
         return self._run_layers(graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL)
 
     @jax.named_scope("head")
     def head(self, x_BxLxD):
         """The final norm and the output projection: logits [B, L, V]."""
-        tokens = self._head_tokens(x_BxLxD.shape)
+        tokens = self._split_tokens(x_BxLxD.shape)
         if tokens != ("batch", "length"):  # a pipeline's output, split over the stages
             x_BxLxD = self.shard(x_BxLxD, (*tokens, "act_embed"))
         x_BxLxD = self.final_norm(x_BxLxD)
         dtype = x_BxLxD.dtype
         if self.cfg.tie_embeddings:
-            logits_BxLxV = dense(x_BxLxD, self.embedding[...].astype(dtype).T)
+            w_DxV = self.embedding[...].astype(dtype).T
         else:
-            logits_BxLxV = dense(x_BxLxD, self.lm_head[...].astype(dtype))
+            w_DxV = self.lm_head[...].astype(dtype)
+        if tokens[1] == "pipeline_length":
+            # Split by position, B x L does not flatten into one sharded dimension (B is whole,
+            # L split): `dense`'s reshape would gather every stage's tokens. An einsum keeps L.
+            logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, w_DxV)
+        else:
+            logits_BxLxV = dense(x_BxLxD, w_DxV)
         return self.shard(logits_BxLxV, (*tokens, "vocab"))
 
-    def _head_tokens(self, shape) -> tuple[str, str]:
-        """The logical names of the head's batch and length. The head works per token: under a
-        pipeline its tokens are split over the stages too, by sequence where the batch divides,
-        else by position; otherwise each stage would compute and keep the whole batch's logits."""
+    def _split_tokens(self, shape) -> tuple[str, str]:
+        """The logical names of the batch and length of the embedding's output and the head's
+        input. Both work per token: under a pipeline their tokens are split over the stages too,
+        by sequence where the batch divides (the stream's layout, pipeline.split_microbatches),
+        else by position; otherwise each stage would compute and keep the whole batch's."""
         if self.stages.stages > 1:
             for names in (("pipeline_batch", "length"), ("batch", "pipeline_length")):
                 if self.shard.fits(shape, (*names, "act_embed")):
