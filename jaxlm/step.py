@@ -227,15 +227,18 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         good = finite & (loss <= loss_limit)
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
         with jax.named_scope("optimizer"):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            # A bad step keeps the old parameters and optimizer state (XLA fuses the select
-            # into the update, so the good path pays nothing for it).
-            params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(good, new, old),
-                (params, opt_state),
-                (state.params, state.opt_state),
+            # A bad step keeps the old parameters and optimizer state. A branch rather than a
+            # select of new and old: the update then runs in place, while a select needs the
+            # old optimizer state alive beside the new (a copy of Adam's moments, 2x the
+            # parameters in float32, in XLA's buffers).
+            params, opt_state = jax.lax.cond(
+                good, update, lambda *state: state, state.params, state.opt_state
             )
         loss_scale = (
             state.loss_scale.adjust(finite, cfg.train.loss_scale_period)

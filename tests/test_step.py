@@ -81,3 +81,22 @@ def test_a_loss_in_chunks_is_the_loss_with_the_same_gradients(tiny_cfg, spec, ov
 def test_loss_chunks_that_do_not_divide_the_micro_batch_are_refused(tiny_cfg):
     with pytest.raises(UsageError, match="train.loss_chunks=3 does not divide the micro batch"):
         build_program(tiny_cfg("train.loss_chunks=3"), mesh_lib.make_mesh("dp=8"))
+
+
+def test_a_step_over_the_loss_limit_keeps_parameters_and_optimizer_state(tiny_cfg):
+    program = build_program(tiny_cfg(), mesh_lib.make_mesh("dp=2,tp=4"))
+    batch = next(loader.make_batches(tiny_cfg(), program.batch_sharding))
+    state = program.init(jax.random.key(0))
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+
+    kept, metrics = program.train_step(state, batch, jnp.float32(-np.inf))  # every loss a spike
+    assert int(metrics["skipped"]) == 1 and int(kept.step) == 1
+    for want, got in zip(
+        jax.tree.leaves(before), jax.tree.leaves((kept.params, kept.opt_state)), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+    taken, metrics = program.train_step(kept, batch, jnp.float32(np.inf))
+    assert int(metrics["skipped"]) == 0
+    params = zip(jax.tree.leaves(before[0]), jax.tree.leaves(taken.params), strict=True)
+    assert all(not np.array_equal(got, want) for want, got in params)
