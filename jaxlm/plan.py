@@ -82,7 +82,7 @@ def render(plan: dict) -> str:
             else ""
         ),
         "bytes per device: "
-        + " + ".join(f"{k} {_gb(b[k])}" for k in ("params", "grads", "optimizer", "activations"))
+        + " + ".join(f"{k} {_gb(v)}" for k, v in b.items() if k != "total")
         + f" = {_gb(b['total'])} (activations estimated)",
     ]
     if "xla_bytes_per_device" in plan:

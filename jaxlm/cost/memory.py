@@ -35,17 +35,36 @@ def state_bytes(program) -> dict[str, int]:
 
 def activation_bytes(cfg, program, mesh) -> int:
     """See `estimate_activation_bytes`, for a built program on its mesh."""
+    stages = program.stages
     return estimate_activation_bytes(
         cfg,
         program.micro_batch,
-        program.stages.stages,
+        stages.stages,
         mesh.shape["tensor"],
-        program.stages.microbatches,
+        stages.microbatches,
+        stages.repeats,
     )
 
 
+def pipeline_weight_bytes(cfg, program) -> int:
+    """Two weight-sized buffers of a pipeline stage beyond the state (jaxlm/model/pipeline.py):
+    while one iteration's backward pass runs, its layer scan's stacked float32 gradients beside
+    their sum over the iterations; and the stage's weights cast once to the compute dtype.
+    0 without a pipeline."""
+    if program.stages.stages == 1:
+        return 0
+    state = jax.eval_shape(program.init, jax.random.key(0))
+    layers = shard_bytes(state.params["layers"], program.state_shardings.params["layers"])
+    cast = 0 if cfg.model.compute_dtype == "float32" else layers * _itemsize(cfg) // 4
+    return layers + cast
+
+
+def _itemsize(cfg) -> int:
+    return 4 if cfg.model.compute_dtype == "float32" else 2
+
+
 def estimate_activation_bytes(
-    cfg, micro_batch: int, stages: int, tp: int, microbatches: int = 1
+    cfg, micro_batch: int, stages: int, tp: int, microbatches: int = 1, repeats: int = 1
 ) -> int:
     """An estimate of the activations one device keeps for the backward pass, plus the largest
     transient (one layer recomputed, the logits and their gradient).
@@ -56,12 +75,15 @@ def estimate_activation_bytes(
     input. The attention's scores and probabilities (T per head with the XLA implementation) are
     recomputed in the backward pass under every policy: one layer's are a transient. Tensor
     parallelism divides the head- and MLP-sized parts. A device holds the tokens of its
-    micro batch (all of a pipeline's microbatches, GPipe) for its L / pp layers; a recomputed
-    layer works on one pipeline microbatch at a time, and the head on the micro batch split
-    over the pipeline axis.
+    micro batch for its L / pp layers; a recomputed layer works on one pipeline microbatch at a
+    time, and the head on the micro batch split over the pipeline axis.
+
+    A pipeline (GPipe, in one scan) keeps what the policy saves at every one of its
+    R·M + S − 1 iterations, bubble included: (R·M + S − 1) / (R·M) times the micro batch's, and
+    its stream of ⌈M/S⌉ microbatches of layer outputs with their cotangents.
     """
     m, t = cfg.model, cfg.train
-    c = 4 if m.compute_dtype == "float32" else 2
+    c = _itemsize(cfg)
     D, T, F = m.d_model, t.seq_len, m.d_ff
     q, kv = m.n_heads * m.dim_per_head / tp, 2 * m.kv_heads * m.dim_per_head / tp
     mlp_in = (2 if m.mlp == "swiglu" else 1) * F / tp
@@ -72,6 +94,13 @@ def estimate_activation_bytes(
     tokens = micro_batch * T
     layers = m.n_layers // stages
     transient = tokens / microbatches * (scores + (everything if m.remat == "full" else 0))
-    # logits in the compute dtype, their float32 softmax and its gradient
-    logits = tokens / stages * m.vocab_size / tp * (c + 4 + 4)
-    return int(tokens * layers * per_layer + transient + logits)
+    # logits in the compute dtype, their float32 softmax and its gradient, for one of the
+    # `train.loss_chunks` slices of the rows at a time
+    logits = tokens / stages / t.loss_chunks * m.vocab_size / tp * (c + 4 + 4)
+    kept = tokens * layers * per_layer
+    if stages > 1:
+        rounds = repeats * microbatches
+        kept = kept * (rounds + stages - 1) / rounds
+        stream = 2 * math.ceil(microbatches / stages) * tokens / microbatches * D * c
+        kept += stream
+    return int(kept + transient + logits)

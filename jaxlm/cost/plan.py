@@ -92,6 +92,8 @@ def make_plan(
     per_node = devices_per_node or device.per_node
     state = memory.state_bytes(program)
     state["activations"] = memory.activation_bytes(cfg, program, mesh)
+    if program.stages.stages > 1:
+        state["pipeline"] = memory.pipeline_weight_bytes(cfg, program)
     state["total"] = sum(state.values())
     tokens = tokens or 20 * counts["total"]
     days = flops.days_to_train(model_flops, tokens, n, device.peak_tflops, mfu)

@@ -127,6 +127,7 @@ def groups(cfg, sizes: dict[str, int], device_list) -> list[Group]:
             continue
         c, mesh, program = built
         state = sum(memory.state_bytes(program).values())
+        state += memory.pipeline_weight_bytes(c, program)
         variants = [
             (
                 remat,
