@@ -10,8 +10,9 @@ Two kinds of figures, side by side:
 - XLA's own: the actual train step is lowered and compiled ahead of time for a mesh of that many
   fake CPU devices from abstract inputs (nothing is allocated), and its memory analysis gives the
   bytes per device the compiled program needs, its HLO the matmul FLOPs and collective bytes.
-  The CPU compiler is not the GPU one (it may keep some bfloat16 work in float32, and fuses
-  differently), so the XLA figure is a close, usually slightly pessimistic, guide.
+  The CPU compiler is not the GPU one: it fuses differently, and a bfloat16 model is compiled
+  as float16, the same size, since the CPU widens bfloat16 stacks to float32. The XLA figure
+  is a close, usually slightly pessimistic, guide.
 
 Then the run: days to train `--tokens` (default 20 per parameter, compute-optimal) on these
 devices at `--mfu` (GPT-NL's compute calculus), the energy that takes at the devices' board

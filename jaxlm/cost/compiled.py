@@ -27,6 +27,18 @@ class CompiledStep:
     executable: object = dataclasses.field(repr=False, default=None)
 
 
+def cpu_stand_in(cfg):
+    """The config whose step XLA:CPU compiles to the figures `cfg` would have on an accelerator:
+    bfloat16 compiled as float16, the same size. XLA:CPU has no bfloat16 dynamic slices: it
+    widens them to float32 and hoists the widening of a whole loop-carried stack (the saved
+    layer inputs of the layer scan or the pipeline) out of the backward loop, a float32 copy
+    that GPUs do not make. The CPU keeps float16 as it is. Other dtypes, other backends: `cfg`.
+    """
+    if jax.default_backend() != "cpu" or cfg.model.compute_dtype != "bfloat16":
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype="float16"))
+
+
 def compile_step(cfg, program) -> CompiledStep:
     """Lower and compile the train step for abstract inputs: XLA's memory and HLO figures."""
     start = time.perf_counter()

@@ -7,8 +7,9 @@ Two kinds of figures, side by side:
 - XLA's own: the actual train step is lowered and compiled ahead of time for the mesh's devices
   from abstract inputs (nothing is allocated), and its memory analysis gives the bytes per
   device the compiled program needs, its HLO the matmul FLOPs and collective bytes. The CPU
-  compiler is not the GPU one (it may keep some bfloat16 work in float32, and fuses
-  differently), so the XLA figure is a close, usually slightly pessimistic, guide.
+  compiler is not the GPU one: it fuses differently, and a bfloat16 model is compiled as
+  float16, the same size, since the CPU widens bfloat16 stacks to float32 (`cpu_stand_in`).
+  The XLA figure is a close, usually slightly pessimistic, guide.
 
 Then the run: days to train a token budget (default 20 per parameter, compute-optimal) at an
 assumed MFU (GPT-NL's compute calculus), the energy that takes at the devices' board power, and
@@ -18,7 +19,7 @@ warnings from the layout rules of thumb (`layout_warnings`).
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.cost import DEFAULT_MFU, flops, memory
-from jaxlm.cost.compiled import compile_step
+from jaxlm.cost.compiled import compile_step, cpu_stand_in
 from jaxlm.step import build_program
 
 FSDP_MIN_TOKENS = 2500  # per device per step: below this FSDP's collectives show (scaling-book)
@@ -120,7 +121,8 @@ def make_plan(
     fits_bytes = state["total"]
     warnings = []
     if compile:
-        step = compile_step(cfg, program)
+        stand_in = cpu_stand_in(cfg)
+        step = compile_step(stand_in, program if stand_in is cfg else build_program(stand_in, mesh))
         tokens_per_step = cfg.train.global_batch_size * seq
         plan.update(
             xla_bytes_per_device=step.bytes_per_device,
