@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxlm.cost import hlo
 from jaxlm.data import loader
-from jaxlm.step import abstract_step_inputs
+from jaxlm.step import abstract_step_inputs, build_program
 
 
 @dataclasses.dataclass
@@ -37,6 +37,13 @@ def cpu_stand_in(cfg):
     if jax.default_backend() != "cpu" or cfg.model.compute_dtype != "bfloat16":
         return cfg
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype="float16"))
+
+
+def compile_for_accelerator(cfg, program, mesh) -> CompiledStep:
+    """`compile_step` of `cpu_stand_in(cfg)`: the figures `cfg`'s step would have on an
+    accelerator, from this machine's compiler (`program` is `cfg`'s, built on `mesh`)."""
+    stand_in = cpu_stand_in(cfg)
+    return compile_step(stand_in, program if stand_in is cfg else build_program(stand_in, mesh))
 
 
 def compile_step(cfg, program) -> CompiledStep:

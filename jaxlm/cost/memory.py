@@ -53,10 +53,9 @@ def pipeline_weight_bytes(cfg, program) -> int:
     0 without a pipeline."""
     if program.stages.stages == 1:
         return 0
-    state = jax.eval_shape(program.init, jax.random.key(0))
-    layers = shard_bytes(state.params["layers"], program.state_shardings.params["layers"])
-    cast = 0 if cfg.model.compute_dtype == "float32" else layers * _itemsize(cfg) // 4
-    return layers + cast
+    layers = shard_bytes(program.spec.shapes["layers"], program.state_shardings.params["layers"])
+    c = _itemsize(cfg)
+    return layers + (layers * c // 4 if c < 4 else 0)
 
 
 def _itemsize(cfg) -> int:

@@ -19,7 +19,7 @@ warnings from the layout rules of thumb (`layout_warnings`).
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.cost import DEFAULT_MFU, flops, memory
-from jaxlm.cost.compiled import compile_step, cpu_stand_in
+from jaxlm.cost.compiled import compile_for_accelerator
 from jaxlm.step import build_program
 
 FSDP_MIN_TOKENS = 2500  # per device per step: below this FSDP's collectives show (scaling-book)
@@ -121,8 +121,7 @@ def make_plan(
     fits_bytes = state["total"]
     warnings = []
     if compile:
-        stand_in = cpu_stand_in(cfg)
-        step = compile_step(stand_in, program if stand_in is cfg else build_program(stand_in, mesh))
+        step = compile_for_accelerator(cfg, program, mesh)
         tokens_per_step = cfg.train.global_batch_size * seq
         plan.update(
             xla_bytes_per_device=step.bytes_per_device,

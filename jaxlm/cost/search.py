@@ -26,7 +26,7 @@ import time
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.cost import flops, memory
-from jaxlm.cost.compiled import compile_step, cpu_stand_in, measured_seconds
+from jaxlm.cost.compiled import compile_for_accelerator, compile_step, measured_seconds
 from jaxlm.errors import UsageError
 from jaxlm.step import build_program
 
@@ -231,8 +231,7 @@ def search(
         group.tried = i
         layout = Layout(group.sizes, remat, group.zero1, micro)
         # a measured step runs the program itself; a compiled figure is the accelerator's
-        stand_in = c if measure else cpu_stand_in(c)
-        step = compile_step(stand_in, program if stand_in is c else build_program(stand_in, mesh))
+        step = compile_step(c, program) if measure else compile_for_accelerator(c, program, mesh)
         row = {
             "mesh": layout.mesh,
             "micro_batch": program.micro_batch,

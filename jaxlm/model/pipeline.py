@@ -58,6 +58,7 @@ residuals and XLA's temporaries; benchmarks/pipeline_memory.py measures it):
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -104,21 +105,15 @@ def run(
     N = -(-M // S) * S  # stream cells: the M inputs, padded to a whole slot on every stage
     replicas = data_parallel_size(shard.mesh)
 
-    def to_stream(x, names):
-        cells = split_microbatches(x, M, replicas)
-        cells = jnp.pad(cells, [(0, N - M)] + [(0, 0)] * (cells.ndim - 1))
-        return shard(cells, ("microbatches", *names))
-
-    stream = to_stream(x_BxLxD, ("batch", "length", "act_embed"))
+    cells = split_microbatches(x_BxLxD, M, replicas)
+    cells = jnp.pad(cells, [(0, N - M)] + [(0, 0)] * (cells.ndim - 1))
+    stream = shard(cells, ("microbatches", "batch", "length", "act_embed"))
     positions = split_microbatches(positions_BxL, M, replicas)  # small: on every stage
     segments = None if segments_BxL is None else split_microbatches(segments_BxL, M, replicas)
 
-    def pipeline(params, stream, positions, segments):
-        return _schedule(layers, params, stream, positions, segments, spec)
-
     replicated = PartitionSpec()
     stream = jax.shard_map(
-        pipeline,
+        functools.partial(_schedule, layers, spec=spec),
         mesh=shard.mesh,
         in_specs=(weight_spec(spec), PartitionSpec(AXIS), replicated, replicated),
         out_specs=PartitionSpec(AXIS),
@@ -144,7 +139,7 @@ def merge_microbatches(x, replicas: int):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[3:])
 
 
-def _schedule(layers, params, stream, positions, segments, spec: PipelineSpec):
+def _schedule(layers, params, stream, positions, segments, *, spec: PipelineSpec):
     """One stage's side of the pipeline (inside the shard_map): its K stream cells in, the same
     cells with the final outputs written into them out."""
     S, R, M = spec.stages, spec.repeats, spec.microbatches
