@@ -6,8 +6,9 @@
 
 `run` goes through:
 1. program: the layout checks, the model's shapes and every sharding (jaxlm/step.py);
-2. data: the source checked against the model, the training and validation batches;
-3. run directory: created and checked writable, per-process logs;
+2. data: the run directory checked writable (nothing created yet), then the source checked
+   against the model, the training and validation batches;
+3. run directory: created, per-process logs;
 4. state: restored from the newest intact checkpoint, or initialised in its shards (with the
    parameters of `checkpoint.init_from` if set); only then config.yaml (by process 0), so a
    refused restore leaves the run as it was;
@@ -59,7 +60,8 @@ def run(
     """
     check_debug_processes(cfg.debug)
     program = program or build_program(cfg, mesh)  # 1
-    sources = loader.resolve_source(cfg)  # 2
+    check_out_dir(out_dir)  # 2: before the data, which may build the default corpus first
+    sources = loader.resolve_source(cfg)
     batches = loader.make_batches(cfg, program.batch_sharding, sources=sources)
     evaluator = Evaluator(cfg, program, sources)
     writer = jax.process_index() == 0  # writes metrics, TensorBoard and the config
@@ -191,6 +193,22 @@ def log_start(cfg, mesh, program: Program) -> None:
             p.microbatches,
             100 * p.bubble,
         )
+
+
+def check_out_dir(out_dir: pathlib.Path | None) -> None:
+    """Refuses a run directory that cannot be created or written, creating nothing: its
+    nearest existing ancestor (itself, if it exists) must be a writable directory."""
+    if out_dir is None:
+        return
+    out_dir = existing = pathlib.Path(out_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            f"cannot write to the run directory {out_dir}: {existing} is not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the run directory {out_dir}: permission denied")
 
 
 def prepare_out_dir(out_dir: pathlib.Path | None):

@@ -353,9 +353,10 @@ def _snapshot(directory):
 def test_an_unwritable_run_directory_exits_2_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
+    cache = tmp_path / "cache"  # the default corpus is not built for a refused run
     result = subprocess.run(
         command(blocker / "run", "train.steps=2"),
-        env=ENV,
+        env={**ENV, "JAXLM_CACHE": str(cache)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -363,6 +364,7 @@ def test_an_unwritable_run_directory_exits_2_before_training(tmp_path):
     assert result.returncode == 2
     assert "cannot write to the run directory" in result.stderr
     assert "compiled" not in result.stdout
+    assert not cache.exists()
 
 
 @pytest.mark.slow
