@@ -17,6 +17,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 log = logging.getLogger("jaxlm")
 
 
+def summary_writer():
+    """tensorboardX's SummaryWriter class, imported only when a run writes TensorBoard events,
+    and without torch: tensorboardX imports torch whenever it is installed, only to accept its
+    tensors, which adds seconds to every start. jaxlm logs Python floats."""
+    if "torch" in sys.modules:  # already paid for
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """Appends rows to DIR/metrics.jsonl and scalars to DIR/tensorboard; a no-op without DIR.
 
@@ -47,9 +63,7 @@ class MetricsLog:
         tmp.replace(path)
         self._file = open(path, "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter  # imported here: slow, and optional
-
-            self._writer = SummaryWriter(
+            self._writer = summary_writer()(
                 str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
             )
 
