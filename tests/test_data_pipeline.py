@@ -104,10 +104,9 @@ def test_a_document_has_the_same_logits_alone_and_packed_after_another(directory
     start = int(np.argmax(segments == 2))  # where the second document begins
     end = start + int(np.sum(segments == 2))
     assert start > 0
-    packed = model_lib.apply(
-        graphdef, params, batch["inputs"][row : row + 1], positions[None], segments[None]
-    )
-    alone = model_lib.apply(graphdef, params, batch["inputs"][row : row + 1, start:end])
+    apply = jax.jit(lambda *inputs: model_lib.apply(graphdef, params, *inputs))
+    packed = apply(batch["inputs"][row : row + 1], positions[None], segments[None])
+    alone = apply(batch["inputs"][row : row + 1, start:end])
     np.testing.assert_allclose(packed[0, start:end], alone[0], rtol=1e-5, atol=1e-5)
 
 

@@ -92,7 +92,7 @@ def test_prefill_then_one_token_steps_equal_the_full_forward_pass(tiny_cfg, over
     cfg = tiny_cfg(*overrides).model
     graphdef, params = model_lib.describe(cfg).graphdef, random_params(cfg)
     tokens = jnp.asarray(prompts(length=14))
-    full = model_lib.apply(graphdef, params, tokens)
+    full = jax.jit(lambda p, t: model_lib.apply(graphdef, p, t))(params, tokens)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), model_lib.cache_shapes(cfg, 2, 16))
     decode = jax.jit(model_lib.decode, static_argnums=0)
     logits, cache = decode(graphdef, params, tokens[:, :8], cache, 0)

@@ -27,6 +27,13 @@ GPT_STYLE = [
 QUERY_BLOCKS = pytest.mark.parametrize("query_block", [layers.QUERY_BLOCK, 4], ids=["whole", "q4"])
 
 
+def compiled_apply(graphdef):
+    """`model_lib.apply` of one model, compiled (op by op, the model's small ops take seconds).
+    A fresh function for each call, so no trace is shared by tests that patch the attention's
+    block sizes."""
+    return jax.jit(lambda params, *inputs: model_lib.apply(graphdef, params, *inputs))
+
+
 def small(*overrides):
     return config_lib.load(
         "tiny", ["model.compute_dtype=float32", "model.init_std=0.2", *overrides]
@@ -96,7 +103,7 @@ def test_logits_equal_a_plain_numpy_transformer(style, query_block, monkeypatch)
     cfg = small(*style)
     graphdef, params = model_lib.build(cfg, jax.random.key(1))
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size))
-    ours = np.asarray(model_lib.apply(graphdef, params, jnp.asarray(tokens)))
+    ours = np.asarray(compiled_apply(graphdef)(params, jnp.asarray(tokens)))
     expected = reference_logits(cfg, params, tokens)
     assert np.abs(expected).max() > 1.0  # a real signal, not near-zero logits
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
@@ -119,7 +126,7 @@ def test_no_position_sees_the_future(style, remat, query_block, monkeypatch):
         logits = model.forward_embedded(x, positions)
         return jax.nn.log_softmax(logits[:, t]).mean()
 
-    grad = jax.grad(loss_at_t)(x)
+    grad = jax.jit(jax.grad(loss_at_t))(x)
     assert np.all(np.asarray(grad[:, t + 1 :]) == 0)
     assert np.all(np.abs(np.asarray(grad[:, : t + 1])).sum(-1) > 0)
 
@@ -135,8 +142,8 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
     mha_params = {**params, "layers": {**params["layers"], "attn": attn}}
     tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, gqa.vocab_size)
     np.testing.assert_allclose(
-        model_lib.apply(mha_graphdef, mha_params, tokens),
-        model_lib.apply(graphdef, params, tokens),
+        compiled_apply(mha_graphdef)(mha_params, tokens),
+        compiled_apply(graphdef)(params, tokens),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -152,8 +159,8 @@ def test_documents_in_one_row_do_not_see_each_other(query_block, monkeypatch):
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
     positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None]
     segments = jnp.array([[1] * 5 + [2] * 7])
-    alone = model_lib.apply(graphdef, params, doc_b)
-    together = model_lib.apply(graphdef, params, packed, positions, segments)
+    alone = compiled_apply(graphdef)(params, doc_b)
+    together = compiled_apply(graphdef)(params, packed, positions, segments)
     np.testing.assert_allclose(together[:, 5:], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -178,9 +185,14 @@ def test_attention_in_query_blocks_equals_the_whole_square_with_the_same_gradien
         def loss(attention, q, k, v, mask=mask):
             return (attention(q, k, v, mask) * weights).sum()
 
-        np.testing.assert_allclose(blocked(q, k, v, mask), whole(q, k, v, mask), atol=1e-5)
-        grads = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
-        expected = jax.grad(functools.partial(loss, whole), argnums=(0, 1, 2))(q, k, v)
+        # compiled, as in training (op by op, the blocks' many small ops take seconds)
+        np.testing.assert_allclose(
+            jax.jit(blocked)(q, k, v, mask), jax.jit(whole)(q, k, v, mask), atol=1e-5
+        )
+        gradient = lambda attention: jax.jit(  # noqa: E731
+            jax.grad(functools.partial(loss, attention), argnums=(0, 1, 2))
+        )
+        grads, expected = gradient(blocked)(q, k, v), gradient(whole)(q, k, v)
         for got, want in zip(grads, expected, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
