@@ -45,6 +45,25 @@ def setting(default, domain):
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequencies stretched for a context longer than pretraining's, as Hugging Face's
+    `rope_scaling` (or `rope_parameters`) in config.json.
+
+    `llama3` (Llama 3.1 and later): with W = original_max_position_embeddings, wavelengths longer
+    than W / low_freq_factor are stretched `factor` times, those shorter than W /
+    high_freq_factor are kept, and the band between is interpolated smoothly. `default`: the
+    frequencies of `rope_theta` as they are (the other fields are then unused).
+    """
+
+    rope_type: Literal["default", "llama3"] = "default"
+    factor: float = setting(8.0, Range(low=1))
+    low_freq_factor: float = setting(1.0, positive())
+    high_freq_factor: float = setting(4.0, positive())
+    # the context the model was pretrained on before it was extended
+    original_max_position_embeddings: int = setting(8192, at_least(1))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of the decoder-only transformer (see jaxlm/model).
 
@@ -66,6 +85,7 @@ class ModelConfig:
     norm_eps: float = setting(1e-5, positive())
     positions: Literal["rope", "learned"] = "rope"
     rope_theta: float = setting(10000.0, positive())
+    rope_scaling: RopeScaling = RopeScaling()
     # size of the learned position table; the longest usable context
     max_seq_len: int = setting(2048, at_least(1))
     tie_embeddings: bool = False
@@ -328,6 +348,12 @@ def validate(cfg: Config) -> Config:
         raise UsageError(f"model.n_kv_heads={m.kv_heads} must divide model.n_heads={m.n_heads}")
     if m.positions == "rope" and m.dim_per_head % 2:
         raise UsageError(f"rotary positions need an even head dimension, not {m.dim_per_head}")
+    scaling = m.rope_scaling
+    if scaling.rope_type == "llama3" and scaling.high_freq_factor <= scaling.low_freq_factor:
+        raise UsageError(
+            f"model.rope_scaling.high_freq_factor={scaling.high_freq_factor:g} must be larger "
+            f"than model.rope_scaling.low_freq_factor={scaling.low_freq_factor:g}"
+        )
     if t.seq_len > m.max_seq_len:  # rotary positions too: beyond it the model never trained
         raise UsageError(
             f"train.seq_len={t.seq_len} is longer than the model's context "
@@ -370,7 +396,7 @@ def all_keys(cfg: Config | None = None) -> list[str]:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            keys += [f"{f.name}.{sub.name}" for sub in dataclasses.fields(value)]
+            keys += [f"{f.name}.{key}" for key in all_keys(value)]
         else:
             keys.append(f.name)
     return keys

@@ -47,6 +47,7 @@ def test_yaml_file_as_preset(tmp_path):
     "override, message",
     [
         ("model.d_modle=5", "did you mean 'model.d_model'"),
+        ("model.rope_scaling.factr=8", "did you mean 'model.rope_scaling.factor'"),
         ("trian.steps=5", "did you mean 'train.steps'"),
         ("train.steps=five", "train.steps must be int"),
         ("model.norm=batchnorm", "model.norm must be one of rmsnorm, layernorm"),
@@ -94,6 +95,11 @@ def test_a_config_file_that_cannot_be_read_is_refused_in_one_sentence(tmp_path, 
             "longer than the model's context",
         ),
         (["model.head_dim=7"], "even head dimension"),
+        (
+            ["model.rope_scaling.rope_type=llama3", "model.rope_scaling.high_freq_factor=1"],
+            "model.rope_scaling.high_freq_factor=1 must be larger than "
+            "model.rope_scaling.low_freq_factor=1",
+        ),
         (["train.steps=0"], "train.steps must be at least 1"),
     ],
 )
@@ -148,8 +154,9 @@ def test_an_out_of_domain_value_of_every_setting_is_refused_naming_the_key(key, 
         sentence = str(refused.value)
         assert key in sentence and "\n" not in sentence, sentence
         # the same value from a YAML preset is refused as well
-        section, _, leaf = key.rpartition(".")
-        nested = {section: {leaf: value}} if section else {leaf: value}
+        nested = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
         with pytest.raises(UsageError, match=re.escape(key)):
             config_lib.validate(config_lib.merge(config_lib.Config(), nested, source="a test"))
 
@@ -166,6 +173,7 @@ def test_an_out_of_domain_value_of_every_setting_is_refused_naming_the_key(key, 
         ("model.head_dim=0", "model.head_dim must be none or at least 1, not 0"),
         ("train.micro_batch_size=0", "train.micro_batch_size must be none or at least 1"),
         ("checkpoint.keep=0", "checkpoint.keep must be at least 1, not 0"),
+        ("model.rope_scaling.factor=0.5", "model.rope_scaling.factor must be at least 1, not 0.5"),
         ("log.every=0", "log.every must be at least 1, not 0"),
         ("train.seq_len=4096", "longer than the model's context (model.max_seq_len=256)"),
         (

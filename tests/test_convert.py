@@ -30,6 +30,13 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
 TOLERANCE = 1e-4
 VOCAB = 128
 
+LLAMA3_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
 HF_CONFIGS = {
     "llama-gqa-theta1e4-untied": lambda: transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -66,6 +73,18 @@ HF_CONFIGS = {
         mlp_bias=True,
         max_position_embeddings=64,
     ),
+    # Llama 3.1's rotary scaling with a short original context, so that each of its three
+    # bands (kept, interpolated, stretched) holds some of the 8 frequencies
+    "llama3.1-rope-scaling": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, **LLAMA3_SCALING},
+    ),
     "gpt2-tied": lambda: transformers.GPT2Config(
         vocab_size=VOCAB,
         n_embd=64,
@@ -92,6 +111,10 @@ JAXLM_CONFIGS = {
     "llama-like (default model)": ["model.n_kv_heads=2"],
     "llama-like tied, theta 5e5": ["model.tie_embeddings=true", "model.rope_theta=500000"],
     "llama-like with biases": ["model.use_bias=true"],
+    "llama-like with Llama 3.1 rotary scaling": [
+        "model.rope_scaling.rope_type=llama3",
+        *(f"model.rope_scaling.{key}={value}" for key, value in LLAMA3_SCALING.items()),
+    ],
     "gpt2-like (gpt-124m shape)": [
         "model.mlp=gelu",
         "model.norm=layernorm",
@@ -395,8 +418,13 @@ def test_unsupported_architecture_and_missing_tensors_exit_2_naming_them(tmp_pat
         ({"architectures": None, "model_type": "mistral"}, "holds a mistral"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}},
+            "rotary scaling 'yarn' is not supported",
+        ),
+        (
             {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-            "rotary scaling 'llama3' is not supported",
+            "rotary scaling 'llama3' lacks low_freq_factor, high_freq_factor, "
+            "original_max_position_embeddings",
         ),
         ({"mlp_bias": True}, "attention_bias=False with mlp_bias=True has no jaxlm counterpart"),
         ({"num_hidden_layers": 3}, "lacks tensors the config implies: model.layers.2."),

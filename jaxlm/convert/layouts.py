@@ -30,6 +30,13 @@ LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 ARCHITECTURES = (LLAMA, GPT2)
 _MODEL_TYPES = {"llama": LLAMA, "gpt2": GPT2}
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one function, three names
+# the fields of Llama 3.1's rotary scaling, named alike in config.json and model.rope_scaling
+_LLAMA3_SCALING = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 # Tensors some checkpoints carry that are not weights: rotary tables and GPT-2's causal mask.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
@@ -103,11 +110,17 @@ def _llama_fields(hf: dict, where) -> dict:
         )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "llama3"):
         raise UsageError(
-            f"{where}: rotary scaling '{rope_type}' is not supported; jaxlm's "
-            f"rotary positions are unscaled"
+            f"{where}: rotary scaling '{rope_type}' is not supported; jaxlm's rotary "
+            f"positions are unscaled or scaled as Llama 3.1's (rope_type llama3)"
         )
+    scaling = {"rope_type": rope_type}
+    if rope_type == "llama3":
+        missing = [key for key in _LLAMA3_SCALING if key not in rope]
+        if missing:
+            raise UsageError(f"{where}: rotary scaling 'llama3' lacks {', '.join(missing)}")
+        scaling |= {key: rope[key] for key in _LLAMA3_SCALING}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
         raise UsageError(
@@ -128,6 +141,7 @@ def _llama_fields(hf: dict, where) -> dict:
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "positions": "rope",
         "rope_theta": theta,
+        "rope_scaling": scaling,
         "max_seq_len": hf.get("max_position_embeddings", 2048),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "use_bias": bool(hf.get("attention_bias")),
@@ -203,6 +217,9 @@ def hf_config(cfg: ModelConfig, arch: str, *, dtype: str, bos: int | None, eos: 
         "dtype": dtype,
     }
     if arch == LLAMA:
+        rope = {"rope_type": cfg.rope_scaling.rope_type}
+        if rope["rope_type"] == "llama3":
+            rope |= {key: getattr(cfg.rope_scaling, key) for key in _LLAMA3_SCALING}
         return {
             **common,
             "model_type": "llama",
@@ -215,9 +232,10 @@ def hf_config(cfg: ModelConfig, arch: str, *, dtype: str, bos: int | None, eos: 
             "hidden_act": "silu",
             "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps,
-            # transformers 4 reads rope_theta, 5 reads rope_parameters
+            # transformers 4 reads rope_theta and rope_scaling, 5 reads rope_parameters
             "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_scaling": rope if rope["rope_type"] != "default" else None,
+            "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
             "attention_bias": cfg.use_bias,
             "mlp_bias": cfg.use_bias,
             "attention_dropout": 0.0,

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig
@@ -92,10 +93,28 @@ class Norm(nnx.Module):
 
 
 @jax.named_scope("rotary")
-def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float):
-    """(sin, cos) of shape [B, L, H/2] for rotary embeddings at the given token positions."""
-    fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq_Hh = theta**-fraction
+def rotary_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The H/2 rotary frequencies theta^(-2i/H), float32, with `cfg.rope_scaling` applied:
+    Llama 3.1's stretches the long wavelengths `factor` times, keeps the short ones and
+    interpolates between (as Hugging Face's `rope_type: llama3`)."""
+    head_dim, scaling = cfg.dim_per_head, cfg.rope_scaling
+    inv_freq = cfg.rope_theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling.rope_type == "llama3":
+        context = scaling.original_max_position_embeddings
+        wavelength = 2 * math.pi / inv_freq
+        # 0 at wavelengths >= context / low_freq_factor (stretched), 1 at <= context /
+        # high_freq_factor (kept), linear in context / wavelength between
+        kept = (context / wavelength - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        kept = np.clip(kept, 0.0, 1.0)
+        inv_freq = (1 - kept) * inv_freq / scaling.factor + kept * inv_freq
+    return inv_freq.astype(np.float32)
+
+
+def rotary_tables(positions_BxL: jax.Array, inv_freq_Hh: np.ndarray):
+    """(sin, cos) of shape [B, L, H/2] for rotary embeddings at the given token positions, for
+    the frequencies of `rotary_frequencies`."""
     angle_BxLxHh = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_Hh
     return jnp.sin(angle_BxLxHh), jnp.cos(angle_BxLxHh)
 

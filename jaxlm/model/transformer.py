@@ -2,7 +2,8 @@
 
 Deviations from the vanilla (GPT-2) transformer, each chosen by a ModelConfig field:
 - pre-norm blocks, RMSNorm or LayerNorm (`norm`), the final norm before the head;
-- rotary positions on q and k with base `rope_theta` (`positions=rope`), or a learned table;
+- rotary positions on q and k with base `rope_theta` (`positions=rope`), optionally with
+  Llama 3.1's frequency scaling (`rope_scaling`), or a learned table;
 - grouped-query attention: `n_kv_heads` key/value heads shared by groups of query heads;
 - SwiGLU or tanh-GeLU MLP (`mlp`); biases only with `use_bias`;
 - tied or untied output head (`tie_embeddings`);
@@ -34,6 +35,7 @@ from jaxlm.model.layers import (
     dense,
     normal,
     param,
+    rotary_frequencies,
     rotary_tables,
 )
 from jaxlm.model.pipeline import PipelineSpec
@@ -196,7 +198,7 @@ class Transformer(nnx.Module):
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
         rotary = None
         if self.cfg.positions == "rope":
-            rotary = rotary_tables(positions_BxT, self.cfg.dim_per_head, self.cfg.rope_theta)
+            rotary = rotary_tables(positions_BxT, rotary_frequencies(self.cfg))
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(x_BxTxD, layer):
@@ -215,7 +217,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         rotary = None
         if cfg.positions == "rope":
-            rotary = rotary_tables(positions_BxL, cfg.dim_per_head, cfg.rope_theta)
+            rotary = rotary_tables(positions_BxL, rotary_frequencies(cfg))
         mask = None
         if segments_BxL is not None:
             mask = segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
