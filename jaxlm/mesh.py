@@ -1,9 +1,13 @@
 """The named device mesh: "dp=16,tp=4" or a preset in meshes/ -> a `jax.sharding.Mesh`.
 
-Four axes, always all present (size 1 when unused), ordered from the slowest to the fastest
+Five axes, always all present (size 1 when unused), ordered from the slowest to the fastest
 links so that collectives of the inner axes stay on the fast ones:
 
-    pipeline -> data -> fsdp -> tensor          (tensor innermost: inside one node)
+    pipeline -> data -> fsdp -> context -> tensor      (tensor innermost: inside one node)
+
+`context` splits every sequence along its length (context parallelism): its collectives move
+keys and values once per layer, more often than data parallelism's gradients and less than
+tensor parallelism's activations.
 
 With one process, devices fill the mesh in `jax.devices()` order. With several (one per node,
 or one per GPU), the mesh is hybrid: each axis is split into a part inside a process and a part
@@ -25,13 +29,14 @@ from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
 
-AXES = ("pipeline", "data", "fsdp", "tensor")
-SHORT_NAMES = {"pp": "pipeline", "dp": "data", "fsdp": "fsdp", "tp": "tensor"}
+AXES = ("pipeline", "data", "fsdp", "context", "tensor")
+SHORT_NAMES = {"pp": "pipeline", "dp": "data", "fsdp": "fsdp", "cp": "context", "tp": "tensor"}
 _NAMES = {**SHORT_NAMES, **{a: a for a in AXES}}
 
 
 def parse(spec: str) -> dict[str, int]:
-    """'dp=2,tp=4' -> {'pipeline': 1, 'data': 2, 'fsdp': 1, 'tensor': 4}; one size may be -1."""
+    """'dp=2,tp=4' -> {'pipeline': 1, 'data': 2, 'fsdp': 1, 'context': 1, 'tensor': 4}; one
+    size may be -1."""
     sizes = dict.fromkeys(AXES, 1)
     seen = set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -40,7 +45,7 @@ def parse(spec: str) -> dict[str, int]:
         if not sep or axis is None:
             raise UsageError(
                 f"unknown mesh axis '{name.strip()}' in '{spec}': "
-                f"use dp, fsdp, tp and pp (e.g. dp=2,tp=4)"
+                f"use dp, fsdp, cp, tp and pp (e.g. dp=2,tp=4)"
             )
         if axis in seen:
             raise UsageError(f"mesh axis '{name.strip()}' is given twice in '{spec}'")

@@ -92,12 +92,18 @@ def for_inference(cfg: config_lib.Config) -> config_lib.Config:
 
 
 def check_mesh(cfg: config_lib.Config, mesh: Mesh, *, batch: int | None = None) -> None:
-    """The parameters must shard evenly on `mesh`, which has no pipeline axis; with `batch`,
-    the batch must divide by the data-parallel size (else `batch=None`: rows replicated)."""
+    """The parameters must shard evenly on `mesh`, which has no pipeline or context axis; with
+    `batch`, the batch must divide by the data-parallel size (else `batch=None`: rows
+    replicated)."""
     if mesh.shape["pipeline"] > 1:
         raise UsageError(
             "generation, evaluation and conversion run the layers in one scan: "
             "leave pp out of --mesh (use tp, fsdp or dp)"
+        )
+    if mesh.shape["context"] > 1:
+        raise UsageError(
+            "generation, evaluation and conversion keep each sequence whole on a device "
+            "(decoding adds one token at a time): leave cp out of --mesh (use tp, fsdp or dp)"
         )
     dp = sharding.data_parallel_size(mesh)
     check = dataclasses.replace(

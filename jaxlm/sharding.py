@@ -14,6 +14,11 @@ The model names every dimension of every weight and activation with a logical na
                                         split over the stages by position (both are per token)
     microbatches   pipeline             the pipeline's stream of microbatches, split over the
                                         stages (jaxlm/model/pipeline.py)
+    length         context              context parallelism: every sequence split along its
+                                        length, with its positions and document ids
+    kv_length      (none)               ... but attention's keys and values whole on every
+                                        device: XLA all-gathers them over `context`, once per
+                                        layer, and each device attends its own queries
     embed          fsdp                 ZeRO-3: every weight, its gradient and Adam state split
                                         along d_model; XLA all-gathers a layer's weights before
                                         use and reduce-scatters its gradients
@@ -21,10 +26,12 @@ The model names every dimension of every weight and activation with a logical na
     heads          tensor               column-parallel q/k/v, row-parallel attention out
     kv_heads       tensor
     mlp            tensor               column-parallel MLP in, row-parallel MLP out
-    repeats, head_dim, length, positions, act_embed:  not sharded
+    repeats, head_dim, positions, act_embed:  not sharded
 
 Axes of size 1 shard nothing, so the one table serves data parallelism (dp=8), FSDP (fsdp=8),
-tensor parallelism (tp=4), pipelining (pp=4) and every combination of them: the mesh decides. ZeRO-1
+tensor parallelism (tp=4), pipelining (pp=4), context parallelism (cp=4) and every combination
+of them: the mesh decides. Weights never name `context`: like data parallelism it splits only
+activations, and XLA sums the gradients over it. ZeRO-1
 (`train.zero1=true`) is the one variation: the optimizer state's "embed" goes over data x fsdp
 while the parameters keep the table above, so only Adam's moments are split over replicas.
 Activations use "act_embed" rather than "embed": their d_model stays whole on every device.
@@ -59,7 +66,8 @@ RULES: Rules = {
     "pipeline_batch": ("data", "fsdp", "pipeline"),
     "pipeline_length": ("pipeline",),
     "microbatches": ("pipeline",),
-    "length": (),
+    "length": ("context",),
+    "kv_length": (),
     "act_embed": (),
 }
 
@@ -169,6 +177,11 @@ class ActivationSharding:
         mesh = context if context.manual_axes else self.mesh
         return jax.lax.with_sharding_constraint(x, named(mesh, names, dict(self.rules)))
 
+    def ways(self, name: str) -> int:
+        """Into how many pieces the mesh splits the logical dimension `name` (1 without one)."""
+        rules = dict(self.rules)
+        return 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in rules[name])
+
     def fits(self, shape: tuple[int, ...], names: tuple[str | None, ...]) -> bool:
         """Whether every dimension divides by the mesh axes that `names` put on it."""
         rules = dict(self.rules)
@@ -264,5 +277,11 @@ def check_layout(cfg: Config, mesh: Mesh, rules: LayoutRules) -> None:
                     f"{key}={size} is not divisible by {where}, which shards the "
                     f"'{logical}' axis: choose sizes that divide or another mesh"
                 )
+    context = mesh.shape["context"]
+    if context > 1 and cfg.train.seq_len % (2 * context):
+        raise UsageError(
+            f"train.seq_len={cfg.train.seq_len} is not divisible by 2 x context={context}: "
+            f"context parallelism cuts each sequence into 2 x cp equal chunks"
+        )
     batch_geometry(cfg, mesh)
     pipeline_geometry(cfg, mesh)

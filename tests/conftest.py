@@ -32,6 +32,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -86,6 +87,23 @@ def train_processes(n: int, args, *, devices_each: int = 4) -> list:
         )
         for i in range(n)
     ]
+
+
+def packed_batch(rows: int, length: int, vocab: int) -> dict:
+    """Token rows of two documents each (split at a different place in every row), with
+    per-document positions and segment ids, as the data pipeline packs them."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (rows, length + 1))
+    cut = 1 + np.arange(rows)[:, None] * 3 % (length - 2)
+    column = np.arange(length)[None, :]
+    second = column >= cut
+    return {
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "weights": np.ones((rows, length), np.float32),
+        "positions": np.where(second, column - cut, column).astype(np.int32),
+        "segments": (1 + second).astype(np.int32),
+    }
 
 
 def train_rows(rows: list[dict]) -> list[dict]:

@@ -152,11 +152,18 @@ def test_the_launcher_passes_a_failure_on(tmp_path):
 
 def test_inner_axes_take_a_processs_own_devices_first():
     local, outer = mesh_lib.split_over_processes(
-        {"pipeline": 1, "data": 2, "fsdp": 2, "tensor": 2}, per_process=4
+        {"pipeline": 1, "data": 2, "fsdp": 2, "context": 1, "tensor": 2}, per_process=4
     )
-    assert local == {"tensor": 2, "fsdp": 2, "data": 1, "pipeline": 1}  # tensor inside a host
-    assert outer == {"tensor": 1, "fsdp": 1, "data": 2, "pipeline": 1}  # data across hosts
+    # tensor inside a host, data across hosts
+    assert local == {"tensor": 2, "context": 1, "fsdp": 2, "data": 1, "pipeline": 1}
+    assert outer == {"tensor": 1, "context": 1, "fsdp": 1, "data": 2, "pipeline": 1}
     local, outer = mesh_lib.split_over_processes(
-        {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 8}, per_process=8
+        {"pipeline": 4, "data": 2, "fsdp": 1, "context": 1, "tensor": 8}, per_process=8
     )
-    assert local["tensor"] == 8 and outer == {"tensor": 1, "fsdp": 1, "data": 2, "pipeline": 4}
+    assert local["tensor"] == 8
+    assert outer == {"tensor": 1, "context": 1, "fsdp": 1, "data": 2, "pipeline": 4}
+    # a context ring stays inside a host before fsdp does
+    local, outer = mesh_lib.split_over_processes(
+        {"pipeline": 1, "data": 1, "fsdp": 2, "context": 2, "tensor": 2}, per_process=4
+    )
+    assert (local["context"], outer["context"], outer["fsdp"]) == (2, 1, 2)

@@ -7,20 +7,23 @@ from jaxlm.errors import UsageError
 
 def test_parse_fills_missing_axes_and_minus_one():
     sizes = mesh_lib.resolve(mesh_lib.parse("dp=2,tp=-1"), 8)
-    assert sizes == {"pipeline": 1, "data": 2, "fsdp": 1, "tensor": 4}
+    assert sizes == {"pipeline": 1, "data": 2, "fsdp": 1, "context": 1, "tensor": 4}
     assert mesh_lib.describe(sizes) == "dp=2,tp=4"
 
 
-def test_tensor_is_innermost_then_fsdp_then_data():
+def test_tensor_is_innermost_then_context_then_fsdp_then_data():
     mesh = mesh_lib.make_mesh("dp=2,fsdp=2,tp=2")
-    assert mesh.axis_names == ("pipeline", "data", "fsdp", "tensor")
-    ids = [[[d.id for d in row] for row in block] for block in mesh.devices[0]]
+    assert mesh.axis_names == ("pipeline", "data", "fsdp", "context", "tensor")
+    ids = [[[d.id for d in row[0]] for row in block] for block in mesh.devices[0]]
     assert ids == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]  # neighbours share a tensor group
+    mesh = mesh_lib.make_mesh("cp=2,tp=2,fsdp=2")
+    assert [d.id for d in mesh.devices[0, 0, 1, 1]] == [6, 7]  # a context ring of tensor groups
+    assert mesh_lib.describe(dict(mesh.shape)) == "fsdp=2,cp=2,tp=2"
 
 
 def test_preset_by_name():
     mesh = mesh_lib.make_mesh("cpu-8")
-    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 2, "context": 1, "tensor": 2}
 
 
 def test_mesh_over_a_subset_of_devices():

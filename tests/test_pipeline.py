@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config, train_rows
+from conftest import packed_batch, tiny_config, train_rows
 from jaxlm import mesh as mesh_lib
 from jaxlm import sharding, training
 from jaxlm.data import loader
@@ -75,23 +75,6 @@ def test_pipelined_losses_and_gradients_equal_the_unpipelined_model(
         strict=True,
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=str(path))
-
-
-def packed_batch(rows: int, length: int, vocab: int) -> dict:
-    """Token rows of two documents each (split at a different place in every row), with
-    per-document positions and segment ids, as the data pipeline packs them."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab, (rows, length + 1))
-    cut = 1 + np.arange(rows)[:, None] * 3 % (length - 2)
-    column = np.arange(length)[None, :]
-    second = column >= cut
-    return {
-        "inputs": tokens[:, :-1].astype(np.int32),
-        "targets": tokens[:, 1:].astype(np.int32),
-        "weights": np.ones((rows, length), np.float32),
-        "positions": np.where(second, column - cut, column).astype(np.int32),
-        "segments": (1 + second).astype(np.int32),
-    }
 
 
 @pytest.mark.parametrize(

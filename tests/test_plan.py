@@ -182,17 +182,20 @@ def test_tune_measures_steps_when_asked():
     assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in result["layouts"])
 
 
-def test_tune_enumerates_every_mesh_the_model_divides():
-    cfg = config_lib.load("tiny")  # 8 heads, 4 kv heads, 2 layers
-    m = cfg.model
+@pytest.mark.parametrize("seq_len, contexts", [(256, (1,)), (16384, (1, 2, 4, 8))])
+def test_tune_enumerates_every_mesh_the_model_divides(seq_len, contexts):
+    """Long sequences are also tried split over a context axis."""
+    cfg = config_lib.load("tiny", [f"train.seq_len={seq_len}", f"model.max_seq_len={seq_len}"])
+    m = cfg.model  # 8 heads, 4 kv heads, 2 layers
     shapes = search.meshes(cfg, 8, per_node=4)
     by_hand = [
-        {"pipeline": pp, "data": dp, "fsdp": fsdp, "tensor": tp}
+        {"pipeline": pp, "data": dp, "fsdp": fsdp, "context": cp, "tensor": tp}
         for tp in (1, 2, 4, 8)
+        for cp in contexts
         for pp in range(1, 9)
         for fsdp in range(1, 9)
         for dp in range(1, 9)
-        if pp * dp * fsdp * tp == 8
+        if pp * dp * fsdp * cp * tp == 8
         and tp <= 4  # inside a node of 4
         and m.n_heads % tp == 0
         and m.kv_heads % tp == 0

@@ -67,7 +67,12 @@ def test_tensor_parallel_is_megatron_layout(tiny_cfg):
 
 
 def test_logical_names_map_through_the_table():
-    assert sharding.spec(("batch", "length", "act_embed")) == jax.P(("data", "fsdp"), None, None)
+    assert sharding.spec(("batch", "length", "act_embed")) == jax.P(
+        ("data", "fsdp"), "context", None
+    )
+    assert sharding.spec(("batch", "kv_length", "kv_heads")) == jax.P(
+        ("data", "fsdp"), None, "tensor"
+    )
     assert sharding.spec(("embed", "mlp")) == jax.P("fsdp", "tensor")
 
 

@@ -43,6 +43,7 @@ def activation_bytes(cfg, program, mesh) -> int:
         mesh.shape["tensor"],
         stages.microbatches,
         stages.repeats,
+        mesh.shape["context"],
     )
 
 
@@ -63,7 +64,13 @@ def _itemsize(cfg) -> int:
 
 
 def estimate_activation_bytes(
-    cfg, micro_batch: int, stages: int, tp: int, microbatches: int = 1, repeats: int = 1
+    cfg,
+    micro_batch: int,
+    stages: int,
+    tp: int,
+    microbatches: int = 1,
+    repeats: int = 1,
+    context: int = 1,
 ) -> int:
     """An estimate of the activations one device keeps for the backward pass, plus the largest
     transient (one layer recomputed, the logits and their gradient).
@@ -76,6 +83,11 @@ def estimate_activation_bytes(
     parallelism divides the head- and MLP-sized parts. A device holds the tokens of its
     micro batch for its L / pp layers; a recomputed layer works on one pipeline microbatch at a
     time, and the head on the micro batch split over the pipeline axis.
+
+    Context parallelism (cp) splits every sequence: a device holds T / cp of each one's tokens,
+    and each of its queries scores all T keys. The keys and values it gathers, whole sequences,
+    are kept for the attention's backward pass under `none` and `save_dots`, and are one layer's
+    transient under `full`.
 
     A pipeline (GPipe, in one scan) keeps what the policy saves at every one of its
     R·M + S − 1 iterations, bubble included: (R·M + S − 1) / (R·M) times the micro batch's, and
@@ -90,9 +102,13 @@ def estimate_activation_bytes(
     everything = save_dots + 2 * 4 * D + c * (q + kv / 2) + c * (q + mlp_in)
     scores = (c + 4) * m.n_heads / tp * T  # one layer's, while its backward pass runs
     per_layer = {"none": everything, "save_dots": save_dots, "full": c * D}[m.remat]
-    tokens = micro_batch * T
+    tokens = micro_batch * T / context  # on this device
+    gathered = c * kv * micro_batch * T if context > 1 else 0  # a layer's keys and values
+    if m.remat != "full":
+        per_layer += gathered / tokens
     layers = m.n_layers // stages
     transient = tokens / microbatches * (scores + (everything if m.remat == "full" else 0))
+    transient += gathered / microbatches if m.remat == "full" else 0
     # logits in the compute dtype, their float32 softmax and its gradient, for one of the
     # `train.loss_chunks` slices of the rows at a time
     logits = tokens / stages / t.loss_chunks * m.vocab_size / tp * (c + 4 + 4)

@@ -3,9 +3,11 @@
 Frontier's search (TP, PP, micro batch, accumulation, ZeRO-1; one trial run each), done the
 cheap way first:
 
-1. enumerate every mesh dp x fsdp x tp x pp = N whose axes divide the model (tp a power of two
-   up to 8 and inside a node, pp dividing the layers), with recomputation none / save_dots /
-   full and ZeRO-1 on or off where it means something (dp > 1, no fsdp);
+1. enumerate every mesh dp x fsdp x cp x tp x pp = N whose axes divide the model (tp a power
+   of two up to 8 and inside a node, pp dividing the layers, cp only for sequences of at least
+   `LONG_SEQUENCE` tokens, where one sequence's attention outgrows a device), with
+   recomputation none / save_dots / full and ZeRO-1 on or off where it means something
+   (dp > 1, no fsdp);
 2. for each, take the largest micro batch (least accumulation) whose estimated bytes per device
    fit the device memory (jaxlm/cost/memory.py's arithmetic, exact for the state), and keep
    only the cheapest recomputation that fits;
@@ -33,6 +35,8 @@ from jaxlm.step import build_program
 log = logging.getLogger("jaxlm")
 
 REMAT_ORDER = ("none", "save_dots", "full")  # cheapest first
+# Sequences from this length on are also tried split over a context axis (cp = 2, 4, 8).
+LONG_SEQUENCE = 16384
 
 
 @dataclasses.dataclass
@@ -61,18 +65,20 @@ def _divisors(n: int) -> list[int]:
 
 
 def meshes(cfg, devices: int, per_node: int) -> list[dict[str, int]]:
-    """Every pipeline x data x fsdp x tensor factorisation of `devices` the model divides."""
-    m = cfg.model
+    """Every pipeline x data x fsdp x context x tensor factorisation of `devices` the model
+    divides."""
+    m, T = cfg.model, cfg.train.seq_len
+    contexts = [cp for cp in (1, 2, 4, 8) if cp == 1 or (T >= LONG_SEQUENCE and T % (2 * cp) == 0)]
     out = []
-    for tp in (1, 2, 4, 8):
-        if devices % tp or tp > per_node or m.n_heads % tp or m.kv_heads % tp:
+    for tp, cp in ((tp, cp) for tp in (1, 2, 4, 8) for cp in contexts):
+        if devices % (tp * cp) or tp > per_node or m.n_heads % tp or m.kv_heads % tp:
             continue
-        for pp in _divisors(devices // tp):
+        for pp in _divisors(devices // (tp * cp)):
             if m.n_layers % pp:
                 continue
-            for fsdp in _divisors(devices // (tp * pp)):
-                dp = devices // (tp * pp * fsdp)
-                out.append({"pipeline": pp, "data": dp, "fsdp": fsdp, "tensor": tp})
+            for fsdp in _divisors(devices // (tp * cp * pp)):
+                dp = devices // (tp * cp * pp * fsdp)
+                out.append({"pipeline": pp, "data": dp, "fsdp": fsdp, "context": cp, "tensor": tp})
     return out
 
 
@@ -139,6 +145,7 @@ def groups(cfg, sizes: dict[str, int], device_list) -> list[Group]:
                     pp,
                     sizes["tensor"],
                     micro if pp > 1 else 1,
+                    context=sizes["context"],
                 ),
             )
             for remat in REMAT_ORDER

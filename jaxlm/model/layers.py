@@ -21,9 +21,10 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.sharding import ActivationSharding
 
 Initializer = Callable[..., jax.Array]
-Shard = Callable[[jax.Array, tuple], jax.Array]
+Shard = ActivationSharding  # pins activations to the sharding table (a no-op without a mesh)
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tuple[str, ...]):
@@ -153,15 +154,19 @@ class Attention(nnx.Module):
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary)
         implementation = attention_implementation(self.implementation, x_BxLxD.dtype)
         if implementation == "xla":
+            if self.shard.ways("length") > 1:
+                # The sequence split over `context`: each device attends its own queries to
+                # all keys (gathered in `project`) in one masked square; blocks of queries
+                # would cut across the split.
+                attend = functools.partial(self.attend, is_causal=True, implementation="xla")
+            else:
+                attend = functools.partial(causal_attention_in_blocks, attend=self.attend)
             # Megatron's selective recomputation: the backward pass recomputes the [B, N, L, L]
             # scores and probabilities from q, k and v rather than keeping them, as a flash
             # kernel does. They are the largest activation, and with the layer scan they would
             # also need a zero-filled stacking buffer: on CPU storing them cost more than the
             # recomputation.
-            attend = jax.checkpoint(
-                functools.partial(causal_attention_in_blocks, attend=self.attend),
-                policy=jax.checkpoint_policies.nothing_saveable,
-            )
+            attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
         else:
             attend = functools.partial(self.attend, is_causal=True, implementation=implementation)
         out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)
@@ -209,8 +214,9 @@ class Attention(nnx.Module):
             q_BxLxNxH = apply_rotary(q_BxLxNxH, *rotary)
             k_BxLxKxH = apply_rotary(k_BxLxKxH, *rotary)
         q_BxLxNxH = self.shard(q_BxLxNxH, ("batch", "length", "heads", "head_dim"))
-        k_BxLxKxH = self.shard(k_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
-        v_BxLxKxH = self.shard(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
+        # keys and values whole along the sequence: gathered over `context` when it splits it
+        k_BxLxKxH = self.shard(k_BxLxKxH, ("batch", "kv_length", "kv_heads", "head_dim"))
+        v_BxLxKxH = self.shard(v_BxLxKxH, ("batch", "kv_length", "kv_heads", "head_dim"))
         return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
     @staticmethod
