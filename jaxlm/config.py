@@ -93,6 +93,9 @@ class ModelConfig:
     init_std: float = setting(0.02, positive())
     compute_dtype: DType = "bfloat16"  # parameters stay float32; matmuls run in this dtype
     attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # attention over a sequence split by the context axis (jaxlm/model/context.py): keys and
+    # values passed round a ring, or gathered whole on every device; auto: gathered for cp=2
+    context_attention: Literal["auto", "ring", "all_gather"] = "auto"
     remat: Literal["none", "full", "save_dots"] = "none"
 
     @property

@@ -171,11 +171,15 @@ class ActivationSharding:
     def __call__(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         if self.mesh is None:
             return x
-        # Inside a shard_map (the pipeline's stages) a constraint names the mesh as the
-        # shard_map sees it, its manual axes marked; the activations' names never use them.
+        return jax.lax.with_sharding_constraint(
+            x, named(self.current_mesh(), names, dict(self.rules))
+        )
+
+    def current_mesh(self):
+        """The mesh, or inside a shard_map (the pipeline's stages) the mesh as the shard_map
+        sees it, its manual axes marked; the activations' names never use them."""
         context = jax.sharding.get_abstract_mesh()
-        mesh = context if context.manual_axes else self.mesh
-        return jax.lax.with_sharding_constraint(x, named(mesh, names, dict(self.rules)))
+        return context if context.manual_axes else self.mesh
 
     def ways(self, name: str) -> int:
         """Into how many pieces the mesh splits the logical dimension `name` (1 without one)."""
@@ -282,6 +286,11 @@ def check_layout(cfg: Config, mesh: Mesh, rules: LayoutRules) -> None:
         raise UsageError(
             f"train.seq_len={cfg.train.seq_len} is not divisible by 2 x context={context}: "
             f"context parallelism cuts each sequence into 2 x cp equal chunks"
+        )
+    if context > 1 and mesh.shape["pipeline"] > 1 and m.context_attention == "ring":
+        raise UsageError(
+            "model.context_attention=ring does not run inside a pipeline's stages: use "
+            "all_gather (or auto) with pp"
         )
     batch_geometry(cfg, mesh)
     pipeline_geometry(cfg, mesh)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.model import context
 from jaxlm.sharding import ActivationSharding
 
 Initializer = Callable[..., jax.Array]
@@ -147,17 +148,24 @@ class Attention(nnx.Module):
             self.v_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"))
             self.o_bias = param(rngs, zeros, (D,), ("embed",))
         self.implementation = cfg.attention
+        self.context = context.attention_kind(
+            cfg.context_attention, shard.ways("length"), pipelined=shard.ways("layers") > 1
+        )
         self.shard = shard
 
     @jax.named_scope("attention")
     def __call__(self, x_BxLxD, rotary, mask_Bx1xLxL):
+        """`mask_Bx1xLxL`: None (causal), the documents' [B, 1, L, L] visibility, or for the
+        context ring the tokens' `TokenIds` (an L x L mask would not split)."""
+        if self.context == "ring":
+            return self.output(self._ring(x_BxLxD, rotary, mask_Bx1xLxL))
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary)
         implementation = attention_implementation(self.implementation, x_BxLxD.dtype)
-        if implementation == "xla":
-            if self.shard.ways("length") > 1:
+        if implementation == "xla" or self.context == "all_gather":
+            if self.context == "all_gather":
                 # The sequence split over `context`: each device attends its own queries to
-                # all keys (gathered in `project`) in one masked square; blocks of queries
-                # would cut across the split.
+                # all keys (gathered in `project`) in one masked square, XLA's (blocks of
+                # queries would cut across the split, and cuDNN's fused kernel is not split).
                 attend = functools.partial(self.attend, is_causal=True, implementation="xla")
             else:
                 attend = functools.partial(causal_attention_in_blocks, attend=self.attend)
@@ -171,6 +179,16 @@ class Attention(nnx.Module):
             attend = functools.partial(self.attend, is_causal=True, implementation=implementation)
         out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)
         return self.output(out_BxLxNxH)
+
+    def _ring(self, x_BxLxD, rotary, ids: "TokenIds"):
+        """Ring attention over the context axis (jaxlm/model/context.py), recomputed in the
+        backward pass like the other paths' scores."""
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary, kv_names="length")
+        attend = jax.checkpoint(
+            functools.partial(context.ring_attention, mesh=self.shard.current_mesh()),
+            policy=jax.checkpoint_policies.nothing_saveable,
+        )
+        return attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, ids.positions, ids.segments)
 
     def decode(self, x_BxTxD, rotary, cache: "LayerCache", start):
         """Attention of T new tokens at positions start .. start+T-1 over the cache, whose first
@@ -200,8 +218,9 @@ class Attention(nnx.Module):
         )
         return self.output(out_BxTxNxH), LayerCache(k_BxSxKxH, v_BxSxKxH)
 
-    def project(self, x_BxLxD, rotary):
-        """Queries, keys and values, biased and rotated, in the layout of the sharding table."""
+    def project(self, x_BxLxD, rotary, kv_names: str = "kv_length"):
+        """Queries, keys and values, biased and rotated, in the layout of the sharding table;
+        keys and values whole along the sequence unless `kv_names` says otherwise."""
         dtype = x_BxLxD.dtype
         q_BxLxNxH = dense(x_BxLxD, self.q_proj[...].astype(dtype))
         k_BxLxKxH = dense(x_BxLxD, self.k_proj[...].astype(dtype))
@@ -215,8 +234,8 @@ class Attention(nnx.Module):
             k_BxLxKxH = apply_rotary(k_BxLxKxH, *rotary)
         q_BxLxNxH = self.shard(q_BxLxNxH, ("batch", "length", "heads", "head_dim"))
         # keys and values whole along the sequence: gathered over `context` when it splits it
-        k_BxLxKxH = self.shard(k_BxLxKxH, ("batch", "kv_length", "kv_heads", "head_dim"))
-        v_BxLxKxH = self.shard(v_BxLxKxH, ("batch", "kv_length", "kv_heads", "head_dim"))
+        k_BxLxKxH = self.shard(k_BxLxKxH, ("batch", kv_names, "kv_heads", "head_dim"))
+        v_BxLxKxH = self.shard(v_BxLxKxH, ("batch", kv_names, "kv_heads", "head_dim"))
         return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
     @staticmethod
@@ -296,6 +315,15 @@ def causal_attention_in_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, *, attend)
 def causal_mask(queries: int, keys: int, start) -> jax.Array:
     """[queries, keys]: query t, at position start + t, sees keys 0 .. start + t."""
     return jnp.arange(keys)[None, :] <= start + jnp.arange(queries)[:, None]
+
+
+class TokenIds(NamedTuple):
+    """Each token's position in its document and its document's id, [B, L] (segments None: one
+    document per row): the context ring's masks come from them, in whatever order the tokens
+    lie."""
+
+    positions: jax.Array
+    segments: jax.Array | None
 
 
 class LayerCache(NamedTuple):

@@ -25,13 +25,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.model import pipeline
+from jaxlm.model import context, pipeline
 from jaxlm.model.layers import (
     MLP,
     Attention,
     LayerCache,
     Norm,
     Shard,
+    TokenIds,
     dense,
     normal,
     param,
@@ -141,6 +142,22 @@ class Transformer(nnx.Module):
 
     def body(self, x_BxLxD, positions_BxL, segments_BxL=None):
         """The layers: [B, L, D] -> [B, L, D]."""
+        ways = self.shard.ways("length")
+        if self._context_attention() == "ring":
+            # the ring's order (two mirrored chunks per device) for the layers, and back
+            segments_BxL = None if segments_BxL is None else context.zigzag(segments_BxL, ways)
+            x_BxLxD = self._layers(
+                context.zigzag(x_BxLxD, ways), context.zigzag(positions_BxL, ways), segments_BxL
+            )
+            return context.unzigzag(x_BxLxD, ways)
+        return self._layers(x_BxLxD, positions_BxL, segments_BxL)
+
+    def _context_attention(self) -> str:
+        return context.attention_kind(
+            self.cfg.context_attention, self.shard.ways("length"), self.stages.stages > 1
+        )
+
+    def _layers(self, x_BxLxD, positions_BxL, segments_BxL):
         graphdef, stacked = nnx.split(self.layers)
         if self.stages.stages > 1:
             return pipeline.run(
@@ -219,7 +236,9 @@ class Transformer(nnx.Module):
         if cfg.positions == "rope":
             rotary = rotary_tables(positions_BxL, rotary_frequencies(cfg))
         mask = None
-        if segments_BxL is not None:
+        if self._context_attention() == "ring":
+            mask = TokenIds(positions_BxL, segments_BxL)
+        elif segments_BxL is not None:
             mask = segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
 
         def one_layer(x_BxLxD, layer_params):
