@@ -106,6 +106,34 @@ def packed_batch(rows: int, length: int, vocab: int) -> dict:
     }
 
 
+def packed_loss_and_gradients(cfg, mesh, rows: int):
+    """The mean token loss of `packed_batch(rows, ...)` and its gradients, from `cfg`'s initial
+    state on `mesh`."""
+    from jaxlm.step import build_program, make_loss_fn
+
+    program = build_program(cfg, mesh)
+    params = program.init(jax.random.key(0)).params
+    batch = packed_batch(rows, cfg.train.seq_len, cfg.model.vocab_size)
+    placed = jax.device_put(batch, program.batch_sharding)
+    loss_sums = make_loss_fn(program.spec.graphdef)
+
+    def loss(params):
+        total, tokens = loss_sums(params, placed)
+        return total / tokens
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def assert_same_loss_and_gradients(got, want) -> None:
+    """(loss, gradients) pairs equal in float32: the loss to 1e-5, every gradient leaf too."""
+    (got_loss, got_grads), (want_loss, want_grads) = got, want
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for (path, w), g in zip(
+        jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads), strict=True
+    ):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
 def train_rows(rows: list[dict]) -> list[dict]:
     """The per-step rows of a run (validation rows left out)."""
     return [row for row in rows if "loss" in row]

@@ -124,7 +124,7 @@ def on_dp8(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec, devices", [("fsdp=4,tp=2", 8), ("dp=2,tp=2", 4)])
+@pytest.mark.parametrize("spec, devices", [("fsdp=4,tp=2", 8), ("dp=2,tp=2", 4), ("cp=4,dp=2", 8)])
 def test_save_on_dp8_restore_and_continue_on_another_mesh(
     tiny_cfg, tmp_path, on_dp8, spec, devices
 ):

@@ -5,13 +5,18 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import packed_batch, tiny_config
+from conftest import (
+    assert_same_loss_and_gradients,
+    packed_loss_and_gradients,
+    tiny_config,
+    train_rows,
+)
 from jaxlm import mesh as mesh_lib
 from jaxlm import model as model_lib
-from jaxlm import runs
+from jaxlm import runs, training
 from jaxlm.cost.compiled import compile_step
 from jaxlm.errors import UsageError
-from jaxlm.step import build_program, make_loss_fn
+from jaxlm.step import build_program
 
 ROWS = 4  # packed rows of two documents each, the boundary at another place in every row
 
@@ -22,18 +27,7 @@ def mesh(spec):
 
 
 def loss_and_gradients(cfg, m):
-    """The mean token loss of one packed batch and its gradients, from the initial state."""
-    program = build_program(cfg, m)
-    params = program.init(jax.random.key(0)).params
-    batch = packed_batch(ROWS, cfg.train.seq_len, cfg.model.vocab_size)
-    placed = jax.device_put(batch, program.batch_sharding)
-    loss_sums = make_loss_fn(program.spec.graphdef)
-
-    def loss(params):
-        total, tokens = loss_sums(params, placed)
-        return total / tokens
-
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return packed_loss_and_gradients(cfg, m, ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +56,13 @@ RING, GATHER = "model.context_attention=ring", "model.context_attention=all_gath
 def test_losses_and_gradients_equal_one_device_with_packed_documents(
     tiny_cfg, one_device, spec, extra
 ):
-    want_loss, want = one_device
+    want = one_device
     if "model.n_layers=4" in extra:  # the pipeline needs a layer per stage and microbatch
-        want_loss, want = loss_and_gradients(
+        want = loss_and_gradients(
             tiny_cfg(f"train.global_batch_size={ROWS}", "model.n_layers=4"), mesh("dp=1")
         )
-    got_loss, got = loss_and_gradients(
-        tiny_cfg(f"train.global_batch_size={ROWS}", *extra), mesh(spec)
-    )
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    for (path, w), g in zip(
-        jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True
-    ):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=str(path))
+    got = loss_and_gradients(tiny_cfg(f"train.global_batch_size={ROWS}", *extra), mesh(spec))
+    assert_same_loss_and_gradients(got, want)
 
 
 def test_a_tokens_logits_do_not_change_when_later_tokens_change(tiny_cfg):
@@ -112,6 +100,21 @@ def test_each_device_keeps_its_share_of_a_long_sequence(tiny_cfg, kind, share):
         for spec in ("dp=1", "cp=8")
     }
     assert temps["cp=8"] <= share * temps["dp=1"], temps
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_on_cp4_continues_on_one_device_as_if_uninterrupted(tiny_cfg, tmp_path):
+    """(A dp=8 checkpoint continuing on cp=4 is tests/test_checkpoint.py's.)"""
+    schedule = ("train.decay_steps=6", "checkpoint.every=3", "train.eval_every=0")
+    whole = train_rows(training.run(tiny_cfg("train.steps=6", *schedule), mesh("cp=4,dp=2")))
+    training.run(tiny_cfg("train.steps=3", *schedule), mesh("cp=4,dp=2"), tmp_path)
+    continued = train_rows(
+        training.run(tiny_cfg("train.steps=6", *schedule), mesh("dp=1"), tmp_path)
+    )
+    assert [row["step"] for row in continued] == [4, 5, 6]
+    np.testing.assert_allclose(
+        [row["loss"] for row in continued], [row["loss"] for row in whole[3:]], rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(

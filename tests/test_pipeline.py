@@ -6,7 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import packed_batch, tiny_config, train_rows
+from conftest import (
+    assert_same_loss_and_gradients,
+    packed_loss_and_gradients,
+    tiny_config,
+    train_rows,
+)
 from jaxlm import mesh as mesh_lib
 from jaxlm import sharding, training
 from jaxlm.data import loader
@@ -89,27 +94,8 @@ def test_packed_documents_and_uneven_microbatches_give_the_unpipelined_gradients
 ):
     overrides = (*FOUR_LAYERS, f"train.global_batch_size={rows}")
     cfg = tiny_cfg(*overrides, f"train.microbatches={microbatches}")
-    batch = packed_batch(rows, cfg.train.seq_len, cfg.model.vocab_size)
-
-    def loss_and_gradients(cfg, m):
-        program = build_program(cfg, m)
-        params = program.init(jax.random.key(0)).params
-        placed = jax.device_put(batch, program.batch_sharding)
-        loss_sums = make_loss_fn(program.spec.graphdef)
-
-        def loss(params):
-            total, tokens = loss_sums(params, placed)
-            return total / tokens
-
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    want_loss, want = loss_and_gradients(tiny_cfg(*overrides), mesh("dp=1"))
-    got_loss, got = loss_and_gradients(cfg, mesh(spec))
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    for (path, w), g in zip(
-        jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True
-    ):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=str(path))
+    want = packed_loss_and_gradients(tiny_cfg(*overrides), mesh("dp=1"), rows)
+    assert_same_loss_and_gradients(packed_loss_and_gradients(cfg, mesh(spec), rows), want)
 
 
 def test_each_stage_holds_only_its_share_of_the_layer_stack(tiny_cfg):
