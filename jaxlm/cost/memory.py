@@ -10,6 +10,8 @@ import math
 
 import jax
 
+from jaxlm.model.context import attention_kind
+
 
 def shard_bytes(shapes, shardings) -> int:
     """Bytes of one device's shards of a tree of arrays (or ShapeDtypeStructs)."""
@@ -84,10 +86,13 @@ def estimate_activation_bytes(
     micro batch for its L / pp layers; a recomputed layer works on one pipeline microbatch at a
     time, and the head on the micro batch split over the pipeline axis.
 
-    Context parallelism (cp) splits every sequence: a device holds T / cp of each one's tokens,
-    and each of its queries scores all T keys. The keys and values it gathers, whole sequences,
-    are kept for the attention's backward pass under `none` and `save_dots`, and are one layer's
-    transient under `full`.
+    Context parallelism (cp) splits every sequence: a device holds T / cp of each one's tokens.
+    Gathered (`model.context_attention`), each of its queries scores all T keys, and the keys
+    and values it gathers, whole sequences, are kept for the attention's backward pass under
+    `none` and `save_dots` (one layer's transient under `full`). The ring scores (2cp + 1) /
+    4cp of the keys a query would see gathered (the chunk pairs with visible keys), into float32
+    running sums of its output; its backward pass recomputes every step of the ring at once, so
+    all of them are alive together.
 
     A pipeline (GPipe, in one scan) keeps what the policy saves at every one of its
     R·M + S − 1 iterations, bubble included: (R·M + S − 1) / (R·M) times the micro batch's, and
@@ -100,10 +105,13 @@ def estimate_activation_bytes(
     mlp_in = (2 if m.mlp == "swiglu" else 1) * F / tp
     save_dots = c * (D + q + kv + D + mlp_in + D)
     everything = save_dots + 2 * 4 * D + c * (q + kv / 2) + c * (q + mlp_in)
-    scores = (c + 4) * m.n_heads / tp * T  # one layer's, while its backward pass runs
+    ring = attention_kind(m.context_attention, context, stages > 1) == "ring"
+    keys = T * (2 * context + 1) / (4 * context) if ring else T  # scored per query
+    # one layer's scores, while its backward pass runs; on the ring, the float32 sums too
+    scores = (c + 4) * m.n_heads / tp * keys + (4 * q if ring else 0)
     per_layer = {"none": everything, "save_dots": save_dots, "full": c * D}[m.remat]
     tokens = micro_batch * T / context  # on this device
-    gathered = c * kv * micro_batch * T if context > 1 else 0  # a layer's keys and values
+    gathered = c * kv * micro_batch * T if context > 1 and not ring else 0  # a layer's k and v
     if m.remat != "full":
         per_layer += gathered / tokens
     layers = m.n_layers // stages

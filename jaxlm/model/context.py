@@ -13,7 +13,9 @@ Ring. Device i starts with its own keys and values and, at each of C − 1 steps
 device i + 1 (a collective-permute, which XLA can overlap with the step's compute). At step s
 it holds those of device j = i − s (mod C), chunks j and 2C − 1 − j. Its queries, chunks i and
 2C − 1 − i, combine with them by an online softmax (running maximum, normaliser and weighted sum
-in float32), so no device ever holds more than two chunks of scores per query chunk.
+in float32). The forward pass holds one step's scores at a time; the backward pass, which
+autodiff runs over the whole recomputed ring, keeps every step's (about half of the gathered
+square's). A backward pass written step by step, as flash attention's is, would keep one.
 
 Balance. Of the four chunk pairs of a step only two have visible keys: with j < i the early and
 the late query chunk both see all of chunk j and nothing of its mirror; with j > i only the late
