@@ -91,8 +91,8 @@ def estimate_activation_bytes(
     and values it gathers, whole sequences, are kept for the attention's backward pass under
     `none` and `save_dots` (one layer's transient under `full`). The ring scores (2cp + 1) /
     4cp of the keys a query would see gathered (the chunk pairs with visible keys), into float32
-    running sums of its output; its backward pass recomputes every step of the ring at once, so
-    all of them are alive together.
+    running sums of its output; XLA:CPU keeps every step's scores alive together in the backward
+    pass (measured), though each step needs only its own.
 
     A pipeline (GPipe, in one scan) keeps what the policy saves at every one of its
     R·M + S − 1 iterations, bubble included: (R·M + S − 1) / (R·M) times the micro batch's, and

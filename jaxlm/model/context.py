@@ -13,9 +13,12 @@ Ring. Device i starts with its own keys and values and, at each of C − 1 steps
 device i + 1 (a collective-permute, which XLA can overlap with the step's compute). At step s
 it holds those of device j = i − s (mod C), chunks j and 2C − 1 − j. Its queries, chunks i and
 2C − 1 − i, combine with them by an online softmax (running maximum, normaliser and weighted sum
-in float32). The forward pass holds one step's scores at a time; the backward pass, which
-autodiff runs over the whole recomputed ring, keeps every step's (about half of the gathered
-square's). A backward pass written step by step, as flash attention's is, would keep one.
+in float32), which saves only each query's log-sum-exp and output for the backward pass. The
+backward pass goes round the ring again, as flash attention's does: each step's scores are
+recomputed from the log-sum-exp and used at once, and the keys' and values' gradients travel
+with them, one more step at the end taking them home. Each step needs only its own scores
+(XLA:CPU's schedule still keeps the steps' side by side: measured, the temporaries match a ring
+differentiated by autodiff).
 
 Balance. Of the four chunk pairs of a step only two have visible keys: with j < i the early and
 the late query chunk both see all of chunk j and nothing of its mirror; with j > i only the late
@@ -23,6 +26,8 @@ query chunk sees anything, but both of j's chunks. So every device scores two ch
 step after the first (three at its own, two of them causal halves): equal work on every device,
 about half of the whole masked square that the all-gather variant scores.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +76,7 @@ def ring_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL,
     if segments_BxL is None:
         segments_BxL = jnp.zeros_like(positions_BxL)
     return jax.shard_map(
-        lambda *local: _ring(*local, ways=ways),
+        lambda *local: _ring(*local, ways),
         mesh=mesh,
         in_specs=(split,) * 5,
         out_specs=split,
@@ -79,91 +84,136 @@ def ring_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL,
     )(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL)
 
 
-def _ring(q, k, v, positions, segments, *, ways: int):
-    """One device's side: its two query chunks against every device's keys, in C steps."""
-    B, L2, N, H = q.shape  # L2: this device's two chunks
-    K = k.shape[2]
-    c = L2 // 2
-    me = jax.lax.axis_index(AXIS)
-    # queries as [B, 2, c, K, G, H]: G query heads share a key/value head
-    q = q.reshape(B, 2, c, K, N // K, H)
-    q_pos, q_seg = positions.reshape(B, 2, c), segments.reshape(B, 2, c)
-    # running maximum and normaliser [B, K, G, c], weighted sum [B, c, K, G, H], per query chunk
-    state = [_empty(B, c, K, N // K, H) for _ in range(2)]
-
-    def pair(state, qi, kv, ki):
-        """The online-softmax update of query chunk qi's state by key chunk ki of `kv`."""
-        k, v, k_pos, k_seg = kv
-        visible = (q_seg[:, qi, :, None] == k_seg[:, ki, None, :]) & (
-            k_pos[:, ki, None, :] <= q_pos[:, qi, :, None]
-        )
-        return _update(state, q[:, qi], k[:, ki], v[:, ki], visible)
-
-    def chunked(x):
-        return x.reshape(B, 2, c, *x.shape[2:])
-
-    kv = (chunked(k), chunked(v), chunked(positions), chunked(segments))
-    # step 0, its own keys: early sees early (causal), late sees early and late (causal)
-    state[0] = pair(state[0], 0, kv, 0)
-    state[1] = pair(state[1], 1, kv, 0)
-    state[1] = pair(state[1], 1, kv, 1)
+def _steps(ways: int, me):
+    """The (query chunk, key chunk) pairs with visible keys at each step of the ring, for
+    device `me`: at its own keys three, then two (one chosen by where the keys come from)."""
+    steps = [[(0, 0), (1, 0), (1, 1)]]
     for step in range(1, ways):
-        kv = jax.tree.map(_pass_on(ways), kv)
-        earlier = (me - step) % ways < me  # the keys come from chunk j < i
-        # the late queries always see chunk j whole
-        state[1] = pair(state[1], 1, kv, 0)
-        # and with j < i the early queries see it too; with j > i the late see j's mirror
-        chosen = _select(earlier, state[0], state[1])
-        qi_early = jnp.where(earlier, 0, 1)
-        ki = jnp.where(earlier, 0, 1)
-        updated = _pair_dynamic(q, q_pos, q_seg, chosen, qi_early, kv, ki)
-        state[0] = _select(earlier, updated, state[0])
-        state[1] = _select(earlier, state[1], updated)
-    out = [o / jnp.moveaxis(norm, -1, 1)[..., None] for _, norm, o in state]
-    return jnp.stack(out, axis=1).reshape(B, L2, N, H).astype(v.dtype)
+        # the keys come from chunk j = me - step: with j < me the early queries see it whole,
+        # with j > me the late queries see its mirror too (they always see chunk j)
+        other = jnp.where((me - step) % ways < me, 0, 1)
+        steps.append([(1, 0), (other, other)])
+    return steps
 
 
-def _pair_dynamic(q, q_pos, q_seg, state, qi, kv, ki):
-    """`pair` with the query and key chunk indices chosen at run time (device-dependent)."""
-    k, v, k_pos, k_seg = kv
-    take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)  # noqa: E731
-    visible = (take(q_seg, qi)[:, :, None] == take(k_seg, ki)[:, None, :]) & (
-        take(k_pos, ki)[:, None, :] <= take(q_pos, qi)[:, :, None]
-    )
-    return _update(state, take(q, qi), take(k, ki), take(v, ki), visible)
+def _take(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
 
 
-def _empty(B, c, K, G, H):
-    return (
-        jnp.full((B, K, G, c), _MASKED, jnp.float32),
-        jnp.zeros((B, K, G, c), jnp.float32),
-        jnp.zeros((B, c, K, G, H), jnp.float32),
-    )
+def _put(x, value, i):
+    return jax.lax.dynamic_update_index_in_dim(x, value, i, axis=1)
 
 
-def _update(state, q_BxCxKxGxH, k_BxCxKxH, v_BxCxKxH, visible_BxCxC):
-    """Online softmax: fold one chunk of keys into a query chunk's running state."""
-    maximum, norm, out = state
+def _visible(q_ids, k_ids, qi, ki):
+    """[B, 1, 1, c, c]: which keys of chunk ki the queries of chunk qi see."""
+    (q_pos, q_seg), (k_pos, k_seg) = q_ids, k_ids
+    same = _take(q_seg, qi)[:, :, None] == _take(k_seg, ki)[:, None, :]
+    before = _take(k_pos, ki)[:, None, :] <= _take(q_pos, qi)[:, :, None]
+    return (same & before)[:, None, None]
+
+
+def _scores(q_BxCxKxGxH, k_BxCxKxH, visible):
     scores = jnp.einsum(
         "bqkgh,bskh->bkgqs", q_BxCxKxGxH, k_BxCxKxH, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(q_BxCxKxGxH.shape[-1]))
-    visible = visible_BxCxC[:, None, None]
-    scores = jnp.where(visible, scores, _MASKED)
-    new_max = jnp.maximum(maximum, scores.max(axis=-1))
-    weights = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
-    rescale = jnp.exp(maximum - new_max)
-    norm = norm * rescale + weights.sum(axis=-1)
-    out = out * jnp.moveaxis(rescale, -1, 1)[..., None] + jnp.einsum(
-        "bkgqs,bskh->bqkgh",
-        weights.astype(v_BxCxKxH.dtype),
-        v_BxCxKxH,
-        preferred_element_type=jnp.float32,
+    return jnp.where(visible, scores, _MASKED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring(q, k, v, positions, segments, ways: int):
+    """One device's side: its two query chunks against every device's keys, in C steps."""
+    return _ring_forward(q, k, v, positions, segments, ways)[0]
+
+
+def _ring_forward(q, k, v, positions, segments, ways):
+    B, L2, N, H = q.shape  # L2: this device's two chunks
+    K, c = k.shape[2], L2 // 2
+    me = jax.lax.axis_index(AXIS)
+    # as [B, 2 chunks, c, ...]; queries [B, 2, c, K, G, H]: G query heads share a key/value head
+    q_c = q.reshape(B, 2, c, K, N // K, H)
+    ids = (positions.reshape(B, 2, c), segments.reshape(B, 2, c))
+    kv = (k.reshape(B, 2, c, K, H), v.reshape(B, 2, c, K, H), *ids)
+    # per query chunk: running maximum and normaliser [B, 2, K, G, c], weighted sum
+    maximum = jnp.full((B, 2, K, N // K, c), _MASKED, jnp.float32)
+    norm = jnp.zeros_like(maximum)
+    total = jnp.zeros(q_c.shape, jnp.float32)
+    for step, pairs in enumerate(_steps(ways, me)):
+        if step:
+            kv = jax.tree.map(_pass_on(ways), kv)
+        for qi, ki in pairs:
+            scores = _scores(_take(q_c, qi), _take(kv[0], ki), _visible(ids, kv[2:], qi, ki))
+            new_max = jnp.maximum(_take(maximum, qi), scores.max(axis=-1))
+            weights = jnp.where(scores > _MASKED, jnp.exp(scores - new_max[..., None]), 0.0)
+            rescale = jnp.exp(_take(maximum, qi) - new_max)
+            norm = _put(norm, _take(norm, qi) * rescale + weights.sum(axis=-1), qi)
+            summed = jnp.einsum(
+                "bkgqs,bskh->bqkgh",
+                weights.astype(v.dtype),
+                _take(kv[1], ki),
+                preferred_element_type=jnp.float32,
+            )
+            total = _put(total, _take(total, qi) * _per_query(rescale) + summed, qi)
+            maximum = _put(maximum, new_max, qi)
+    out = total / _per_query(norm, chunks=True)
+    logsumexp = maximum + jnp.log(norm)
+    residuals = (q, k, v, positions, segments, out, logsumexp)
+    return out.reshape(B, L2, N, H).astype(v.dtype), residuals
+
+
+def _ring_backward(ways, residuals, d_out):
+    """Flash attention's backward pass round the ring: each step's scores recomputed from the
+    saved log-sum-exp, one step at a time. The keys' and values' gradients travel with them
+    and take one more step home at the end."""
+    q, k, v, positions, segments, out, logsumexp = residuals
+    B, L2, N, H = q.shape
+    K, c = k.shape[2], L2 // 2
+    me = jax.lax.axis_index(AXIS)
+    scale = 1 / jnp.sqrt(jnp.float32(H))
+    q_c = q.reshape(B, 2, c, K, N // K, H)
+    ids = (positions.reshape(B, 2, c), segments.reshape(B, 2, c))
+    d_out = d_out.reshape(out.shape).astype(jnp.float32)
+    # D = rowsum(dO * O), per query: [B, 2, K, G, c] like the log-sum-exp
+    delta = jnp.moveaxis((d_out * out).sum(axis=-1), 2, -1)
+    d_q = jnp.zeros(q_c.shape, jnp.float32)
+    zeros = jnp.zeros((B, 2, c, K, H), jnp.float32)
+    travel = (k.reshape(B, 2, c, K, H), v.reshape(B, 2, c, K, H), *ids, zeros, zeros)
+    for step, pairs in enumerate(_steps(ways, me)):
+        if step:
+            travel = jax.tree.map(_pass_on(ways), travel)
+        for qi, ki in pairs:
+            k_i, v_i, d_k, d_v = _take(travel[0], ki), _take(travel[1], ki), *travel[4:]
+            scores = _scores(_take(q_c, qi), k_i, _visible(ids, travel[2:4], qi, ki))
+            weights = jnp.where(
+                scores > _MASKED, jnp.exp(scores - _take(logsumexp, qi)[..., None]), 0.0
+            )
+            d_o = _take(d_out, qi)
+            d_v = _put(d_v, _take(d_v, ki) + jnp.einsum("bkgqs,bqkgh->bskh", weights, d_o), ki)
+            d_weights = jnp.einsum("bqkgh,bskh->bkgqs", d_o, v_i.astype(jnp.float32))
+            d_scores = weights * (d_weights - _take(delta, qi)[..., None]) * scale
+            d_q = _put(
+                d_q,
+                _take(d_q, qi) + jnp.einsum("bkgqs,bskh->bqkgh", d_scores, k_i.astype(jnp.float32)),
+                qi,
+            )
+            q_i = _take(q_c, qi).astype(jnp.float32)
+            d_k = _put(d_k, _take(d_k, ki) + jnp.einsum("bkgqs,bqkgh->bskh", d_scores, q_i), ki)
+            travel = (*travel[:4], d_k, d_v)
+    d_k, d_v = (_pass_on(ways)(x) for x in travel[4:])  # home, from the device after
+    return (
+        d_q.reshape(q.shape).astype(q.dtype),
+        d_k.reshape(k.shape).astype(k.dtype),
+        d_v.reshape(v.shape).astype(v.dtype),
+        None,
+        None,
     )
-    return new_max, norm, out
 
 
-def _select(predicate, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(predicate, x, y), a, b)
+_ring.defvjp(_ring_forward, _ring_backward)
+
+
+def _per_query(x, chunks: bool = False):
+    """[B, (2,) K, G, c] -> [B, (2,) c, K, G, 1], to scale the per-query sums [.., c, K, G, H]."""
+    return jnp.moveaxis(x, -1, 2 if chunks else 1)[..., None]
 
 
 def _pass_on(ways: int):

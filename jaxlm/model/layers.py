@@ -181,14 +181,17 @@ class Attention(nnx.Module):
         return self.output(out_BxLxNxH)
 
     def _ring(self, x_BxLxD, rotary, ids: "TokenIds"):
-        """Ring attention over the context axis (jaxlm/model/context.py), recomputed in the
-        backward pass like the other paths' scores."""
+        """Ring attention over the context axis (jaxlm/model/context.py); its own backward pass
+        recomputes the scores step by step, as the other paths' recomputation does whole."""
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, rotary, kv_names="length")
-        attend = jax.checkpoint(
-            functools.partial(context.ring_attention, mesh=self.shard.current_mesh()),
-            policy=jax.checkpoint_policies.nothing_saveable,
+        return context.ring_attention(
+            q_BxLxNxH,
+            k_BxLxKxH,
+            v_BxLxKxH,
+            ids.positions,
+            ids.segments,
+            self.shard.current_mesh(),
         )
-        return attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, ids.positions, ids.segments)
 
     def decode(self, x_BxTxD, rotary, cache: "LayerCache", start):
         """Attention of T new tokens at positions start .. start+T-1 over the cache, whose first
