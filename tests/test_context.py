@@ -41,16 +41,22 @@ RING, GATHER = "model.context_attention=ring", "model.context_attention=all_gath
 @pytest.mark.parametrize(
     "spec, extra",
     [
-        ("cp=2", [RING]),
+        # the fast tier: one ring and one gathered layout; the rest in the slow one
         ("cp=4", [RING]),
-        ("cp=8", [RING]),
-        ("cp=2,tp=2,dp=2", [RING]),
-        ("cp=2,fsdp=2", [RING]),
-        ("cp=2,dp=2", [RING, "train.zero1=true", "model.remat=full"]),
         ("cp=2", [GATHER]),
-        ("cp=8", [GATHER]),
-        ("cp=2,tp=2,dp=2", [GATHER]),
-        ("cp=4,pp=2", ["model.n_layers=4", "train.microbatches=2"]),  # auto: gathered
+        *(
+            pytest.param(spec, extra, marks=pytest.mark.slow)
+            for spec, extra in [
+                ("cp=2", [RING]),
+                ("cp=8", [RING]),
+                ("cp=2,tp=2,dp=2", [RING]),
+                ("cp=2,fsdp=2", [RING]),
+                ("cp=2,dp=2", [RING, "train.zero1=true", "model.remat=full"]),
+                ("cp=8", [GATHER]),
+                ("cp=2,tp=2,dp=2", [GATHER]),
+                ("cp=4,pp=2", ["model.n_layers=4", "train.microbatches=2"]),  # auto: gathered
+            ]
+        ),
     ],
 )
 def test_losses_and_gradients_equal_one_device_with_packed_documents(
@@ -83,6 +89,7 @@ def test_a_tokens_logits_do_not_change_when_later_tokens_change(tiny_cfg):
         assert (np.abs(after[:, t + 1 :] - before[:, t + 1 :]).max(axis=-1) > 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, share", [("ring", 0.2), ("all_gather", 0.35)])
 def test_each_device_keeps_its_share_of_a_long_sequence(tiny_cfg, kind, share):
     """XLA's temporary memory for one sequence of 2,048 tokens, where the attention's scores
