@@ -33,6 +33,7 @@ in host work while others waited, or at a lower step) are the evidence that
 without their hosts.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -183,10 +184,10 @@ class Watchdog:
                     f.write(json.dumps({k: row[k] for k in keys}) + "\n")
             self.on_hang(row)
         finally:
-            for handler in log.handlers:
-                handler.flush()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            # a log stream that is already closed must not keep a hung process alive
+            for stream in (*log.handlers, sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
             time.sleep(self.grace_s + (COORDINATOR_EXTRA_S if self.process_index == 0 else 0))
             self._exit(EXIT_HUNG)
 

@@ -39,6 +39,26 @@ def test_a_stalled_phase_ends_the_process_with_its_stacks_and_phase(caplog):
     assert "--- thread MainThread" in message and "test_watchdog.py" in message  # the stacks
 
 
+def test_a_closed_log_stream_does_not_keep_a_hung_process_alive(tmp_path):
+    """A handler left on the jaxlm logger with its file closed (as a finished command's can
+    be): the watchdog still ends the process."""
+    stream = open(tmp_path / "log", "w")
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("jaxlm").addHandler(handler)
+    stream.close()
+    rows, codes = [], []
+    try:
+        with watch(0.3, rows, codes) as dog:
+            dog.enter("compiling", 1, "step")
+            dog.enter("step 2", 2, "step")
+            deadline = time.time() + 10
+            while not codes and time.time() < deadline:
+                time.sleep(0.05)
+    finally:
+        logging.getLogger("jaxlm").removeHandler(handler)
+    assert codes == [EXIT_HUNG]
+
+
 def test_progress_and_first_times_keep_it_quiet():
     rows, codes = [], []
     with watch(0.3, rows, codes) as dog:
