@@ -31,6 +31,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 AXIS = "context"
@@ -50,11 +51,15 @@ def zigzag(x, ways: int):
 
 def unzigzag(x, ways: int):
     """The inverse of `zigzag`."""
-    inverse = [0] * (2 * ways)
-    for place, chunk in enumerate(zigzag_order(ways)):
-        inverse[chunk] = place
+    inverse = np.argsort(zigzag_order(ways))
     chunks = x.reshape(x.shape[0], 2 * ways, -1, *x.shape[2:])
     return jnp.take(chunks, jnp.asarray(inverse), axis=1).reshape(x.shape)
+
+
+def attention_for(setting: str, shard) -> str:
+    """`attention_kind` for the mesh of an ActivationSharding: its context axis, and whether a
+    pipeline splits the layers."""
+    return attention_kind(setting, shard.ways("length"), pipelined=shard.ways("layers") > 1)
 
 
 def attention_kind(setting: str, ways: int, pipelined: bool) -> str:
@@ -125,16 +130,27 @@ def _ring(q, k, v, positions, segments, ways: int):
     return _ring_forward(q, k, v, positions, segments, ways)[0]
 
 
-def _ring_forward(q, k, v, positions, segments, ways):
+def _chunks(q, k, v, positions, segments):
+    """This device's two chunks apart, [B, 2, c, ...]: queries [B, 2, c, K, G, H] (G query heads
+    share a key/value head), keys, values, and the tokens' (positions, document ids)."""
     B, L2, N, H = q.shape  # L2: this device's two chunks
     K, c = k.shape[2], L2 // 2
-    me = jax.lax.axis_index(AXIS)
-    # as [B, 2 chunks, c, ...]; queries [B, 2, c, K, G, H]: G query heads share a key/value head
-    q_c = q.reshape(B, 2, c, K, N // K, H)
     ids = (positions.reshape(B, 2, c), segments.reshape(B, 2, c))
-    kv = (k.reshape(B, 2, c, K, H), v.reshape(B, 2, c, K, H), *ids)
+    return (
+        q.reshape(B, 2, c, K, N // K, H),
+        k.reshape(B, 2, c, K, H),
+        v.reshape(B, 2, c, K, H),
+        ids,
+    )
+
+
+def _ring_forward(q, k, v, positions, segments, ways):
+    me = jax.lax.axis_index(AXIS)
+    q_c, k_c, v_c, ids = _chunks(q, k, v, positions, segments)
+    B, _, c, K, G, _ = q_c.shape
+    kv = (k_c, v_c, *ids)
     # per query chunk: running maximum and normaliser [B, 2, K, G, c], weighted sum
-    maximum = jnp.full((B, 2, K, N // K, c), _MASKED, jnp.float32)
+    maximum = jnp.full((B, 2, K, G, c), _MASKED, jnp.float32)
     norm = jnp.zeros_like(maximum)
     total = jnp.zeros(q_c.shape, jnp.float32)
     for step, pairs in enumerate(_steps(ways, me)):
@@ -157,7 +173,7 @@ def _ring_forward(q, k, v, positions, segments, ways):
     out = total / _per_query(norm, chunks=True)
     logsumexp = maximum + jnp.log(norm)
     residuals = (q, k, v, positions, segments, out, logsumexp)
-    return out.reshape(B, L2, N, H).astype(v.dtype), residuals
+    return out.reshape(q.shape).astype(v.dtype), residuals
 
 
 def _ring_backward(ways, residuals, d_out):
@@ -165,18 +181,15 @@ def _ring_backward(ways, residuals, d_out):
     saved log-sum-exp, one step at a time. The keys' and values' gradients travel with them
     and take one more step home at the end."""
     q, k, v, positions, segments, out, logsumexp = residuals
-    B, L2, N, H = q.shape
-    K, c = k.shape[2], L2 // 2
     me = jax.lax.axis_index(AXIS)
-    scale = 1 / jnp.sqrt(jnp.float32(H))
-    q_c = q.reshape(B, 2, c, K, N // K, H)
-    ids = (positions.reshape(B, 2, c), segments.reshape(B, 2, c))
+    q_c, k_c, v_c, ids = _chunks(q, k, v, positions, segments)
+    scale = 1 / jnp.sqrt(jnp.float32(q.shape[-1]))
     d_out = d_out.reshape(out.shape).astype(jnp.float32)
     # D = rowsum(dO * O), per query: [B, 2, K, G, c] like the log-sum-exp
     delta = jnp.moveaxis((d_out * out).sum(axis=-1), 2, -1)
     d_q = jnp.zeros(q_c.shape, jnp.float32)
-    zeros = jnp.zeros((B, 2, c, K, H), jnp.float32)
-    travel = (k.reshape(B, 2, c, K, H), v.reshape(B, 2, c, K, H), *ids, zeros, zeros)
+    zeros = jnp.zeros(k_c.shape, jnp.float32)
+    travel = (k_c, v_c, *ids, zeros, zeros)
     for step, pairs in enumerate(_steps(ways, me)):
         if step:
             travel = jax.tree.map(_pass_on(ways), travel)

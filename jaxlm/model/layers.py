@@ -148,9 +148,7 @@ class Attention(nnx.Module):
             self.v_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"))
             self.o_bias = param(rngs, zeros, (D,), ("embed",))
         self.implementation = cfg.attention
-        self.context = context.attention_kind(
-            cfg.context_attention, shard.ways("length"), pipelined=shard.ways("layers") > 1
-        )
+        self.context = context.attention_for(cfg.context_attention, shard)
         self.shard = shard
 
     @jax.named_scope("attention")

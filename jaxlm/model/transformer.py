@@ -143,7 +143,7 @@ class Transformer(nnx.Module):
     def body(self, x_BxLxD, positions_BxL, segments_BxL=None):
         """The layers: [B, L, D] -> [B, L, D]."""
         ways = self.shard.ways("length")
-        if self._context_attention() == "ring":
+        if context.attention_for(self.cfg.context_attention, self.shard) == "ring":
             # the ring's order (two mirrored chunks per device) for the layers, and back
             segments_BxL = None if segments_BxL is None else context.zigzag(segments_BxL, ways)
             x_BxLxD = self._layers(
@@ -151,11 +151,6 @@ class Transformer(nnx.Module):
             )
             return context.unzigzag(x_BxLxD, ways)
         return self._layers(x_BxLxD, positions_BxL, segments_BxL)
-
-    def _context_attention(self) -> str:
-        return context.attention_kind(
-            self.cfg.context_attention, self.shard.ways("length"), self.stages.stages > 1
-        )
 
     def _layers(self, x_BxLxD, positions_BxL, segments_BxL):
         graphdef, stacked = nnx.split(self.layers)
@@ -236,7 +231,7 @@ class Transformer(nnx.Module):
         if cfg.positions == "rope":
             rotary = rotary_tables(positions_BxL, rotary_frequencies(cfg))
         mask = None
-        if self._context_attention() == "ring":
+        if context.attention_for(cfg.context_attention, self.shard) == "ring":
             mask = TokenIds(positions_BxL, segments_BxL)
         elif segments_BxL is not None:
             mask = segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
