@@ -122,8 +122,13 @@ class TrainConfig:
     zero1: bool = False  # shard only the optimizer state over data x fsdp (params replicated)
     # pipeline microbatches per forward pass (None: the replica's micro batch, one sequence each)
     microbatches: int | None = setting(None, at_least(1))
-    # > 1: circular pipeline, each stage holds this many layer groups
+    # > 1: each stage holds this many layer groups (the circular and interleaved schedules)
     pipeline_repeats: int = setting(1, at_least(1))
+    # gpipe: all forwards, then all backwards (activations of every microbatch kept);
+    # circular: GPipe over pipeline_repeats layer groups per stage;
+    # 1f1b: one forward and one backward per stage per slot, at most 2 x stages - 1
+    # microbatches' layer inputs kept (jaxlm/model/pipeline_1f1b.py)
+    pipeline_schedule: Literal["gpipe", "circular", "1f1b"] = "gpipe"
     # > 1: the head and loss run on this many slices of each forward pass's rows in turn,
     # recomputed in the backward pass, so only one slice's logits are alive at a time
     loss_chunks: int = setting(1, at_least(1))

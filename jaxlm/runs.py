@@ -86,7 +86,12 @@ def for_inference(cfg: config_lib.Config) -> config_lib.Config:
     """The run's config with the training-only layout choices undone: no pipeline, no
     accumulation, no ZeRO-1 (they change how steps run, never what the model computes)."""
     train = dataclasses.replace(
-        cfg.train, pipeline_repeats=1, microbatches=None, micro_batch_size=None, zero1=False
+        cfg.train,
+        pipeline_repeats=1,
+        pipeline_schedule="gpipe",
+        microbatches=None,
+        micro_batch_size=None,
+        zero1=False,
     )
     return dataclasses.replace(cfg, train=train)
 

@@ -209,6 +209,27 @@ def pipeline_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int, int]:
         if repeats > 1:
             raise UsageError("train.pipeline_repeats needs a pipeline: add pp=N to the mesh")
         return 1, 1, 1
+    schedule = t.pipeline_schedule
+    if schedule == "gpipe" and repeats > 1:
+        raise UsageError(
+            f"train.pipeline_repeats={repeats} runs the circular schedule: set "
+            f"train.pipeline_schedule=circular"
+        )
+    if schedule == "circular" and repeats == 1:
+        raise UsageError(
+            "train.pipeline_schedule=circular needs train.pipeline_repeats of 2 or more "
+            "(layer groups per stage)"
+        )
+    if schedule == "1f1b" and t.loss_chunks > 1:
+        raise UsageError(
+            "train.loss_chunks does not apply to train.pipeline_schedule=1f1b, whose head "
+            "already runs on one microbatch at a time: leave it at 1"
+        )
+    if schedule == "1f1b" and repeats > 1:
+        raise UsageError(
+            f"train.pipeline_schedule=1f1b with train.pipeline_repeats={repeats} (interleaved "
+            f"1F1B) is not built: use train.pipeline_repeats=1, or the circular schedule"
+        )
     layers = cfg.model.n_layers
     if layers % (stages * repeats):
         raise UsageError(

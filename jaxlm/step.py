@@ -10,7 +10,9 @@ layout table into the functions the loop calls:
 One optimizer step sees the global batch GBS = micro batch x accumulation steps x data-parallel
 size. Gradients of the micro batches are summed inside the jitted step (a scan), each already
 divided by the global batch's token count, so accumulating four micro batches of two is the
-same computation as one batch of eight.
+same computation as one batch of eight. A micro batch's gradients come from autodiff of the
+forward pass (a GPipe or circular pipeline's among it), or, under
+`train.pipeline_schedule=1f1b`, from the 1F1B schedule, which runs the backward pass itself.
 """
 
 import dataclasses
@@ -27,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm import model as model_lib
 from jaxlm import optim, sharding
 from jaxlm.config import Config
+from jaxlm.model import pipeline_1f1b
 
 Batch = dict[str, jax.Array]  # inputs, targets, weights [B, L]; optionally positions, segments
 
@@ -109,8 +112,12 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
         )
 
     loss_fn = make_loss_fn(spec.graphdef, cfg.train.loss_chunks)
+    if stages.stages > 1 and cfg.train.pipeline_schedule == "1f1b":
+        add_gradients = make_1f1b_gradients(cfg, spec.graphdef, stages, shard)
+    else:
+        add_gradients = make_autodiff_gradients(loss_fn)
     step_fn = make_train_step(
-        cfg, tx, loss_fn, accumulation, param_shardings, grad_shardings, batch_sharding
+        cfg, tx, add_gradients, accumulation, param_shardings, grad_shardings, batch_sharding
     )
     return Program(
         spec=spec,
@@ -135,13 +142,31 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
 
 
 @jax.named_scope("loss")
-def _cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL):
+def _token_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
+    """Each token's cross-entropy times its weight, [B, L] float32."""
     # float32 for the softmax: bf16 log-sum-exp over a 50k vocabulary loses the loss's digits.
     ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxLxV.astype(jnp.float32), targets_BxL
     )
-    weights_BxL = weights_BxL.astype(jnp.float32)
-    return (ce_BxL * weights_BxL).sum(), weights_BxL.sum()
+    return ce_BxL * weights_BxL.astype(jnp.float32)
+
+
+@jax.named_scope("loss")
+def _token_cross_entropy_without_gather(logits_BxLxV, targets_BxL, weights_BxL):
+    """`_token_cross_entropy`, the target's logit picked by a select and a sum over the
+    vocabulary instead of a gather: inside a shard_map over pipeline, a gather along a
+    vocabulary split over tensor, with a batch split over data, crashes XLA's SPMD
+    partitioner (jax 0.10.2). XLA fuses the select into the sum; no one-hot is stored."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    vocab = jnp.arange(logits_BxLxV.shape[-1])
+    picked_BxL = jnp.where(vocab == targets_BxL[..., None], logits_BxLxV, 0).sum(-1)
+    ce_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1) - picked_BxL
+    return ce_BxL * weights_BxL.astype(jnp.float32)
+
+
+def _cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL):
+    ce_BxL = _token_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)
+    return ce_BxL.sum(), weights_BxL.astype(jnp.float32).sum()
 
 
 def make_loss_fn(graphdef, chunks: int = 1):
@@ -177,10 +202,53 @@ def make_loss_fn(graphdef, chunks: int = 1):
     return loss_sums
 
 
+# add_gradients(params, batch, seed, grads) -> (sum of token cross-entropies, grads + seed x
+# the sum's gradient): one micro batch's contribution to the step's summed gradients.
+AddGradients = Callable[[model_lib.Params, Batch, jax.Array, model_lib.Params], tuple]
+
+
+def make_autodiff_gradients(loss_sums) -> AddGradients:
+    """Gradients by autodiff of the whole forward pass (a GPipe pipeline's among it)."""
+
+    def add_gradients(params, batch: Batch, seed, grads):
+        ce_sum, vjp = jax.vjp(lambda p: loss_sums(p, batch)[0], params)
+        (new,) = vjp(seed)
+        return ce_sum, jax.tree.map(jnp.add, grads, new)
+
+    return add_gradients
+
+
+def make_1f1b_gradients(
+    cfg: Config, graphdef, stages: model_lib.PipelineSpec, shard: sharding.ActivationSharding
+) -> AddGradients:
+    """Gradients by the 1F1B schedule (jaxlm/model/pipeline_1f1b.py): forward and backward
+    interleaved stage by stage, each layer's gradient added into `grads` in place."""
+
+    def add_gradients(params, batch: Batch, seed, grads):
+        batch = dict(batch)
+        if "positions" not in batch:
+            rows, length = batch["inputs"].shape
+            batch["positions"] = jnp.broadcast_to(jnp.arange(length), (rows, length))
+        ce_sum, (rest, layers) = pipeline_1f1b.gradients(
+            model_lib.stage_parts(graphdef, params, _token_cross_entropy_without_gather),
+            model_lib.without_layers(params),
+            params["layers"],
+            batch,
+            seed,
+            (model_lib.without_layers(grads), grads["layers"]),
+            stages,
+            shard,
+            keep_layer_inputs=cfg.model.remat != "full",
+        )
+        return ce_sum, {**rest, "layers": layers}
+
+    return add_gradients
+
+
 def make_train_step(
     cfg: Config,
     tx,
-    loss_sums,
+    add_gradients: AddGradients,
     accumulation: int,
     param_shardings,
     grad_shardings,
@@ -196,16 +264,13 @@ def make_train_step(
         n_tokens = batch["weights"].astype(jnp.float32).sum()
         scale = state.loss_scale.value
 
-        def objective(params, micro_batch):
-            ce_sum, _ = loss_sums(params, micro_batch)
-            # Dividing by the *global* token count makes the summed micro-batch gradients the
-            # gradient of the global mean loss, whatever the accumulation.
-            return ce_sum / n_tokens * scale, ce_sum
+        # Seeding with 1 / the *global* token count makes the summed micro-batch gradients the
+        # gradient of the global mean loss, whatever the accumulation.
+        seed = scale / n_tokens
 
         def accumulate(carry, micro_batch):
             grads_sum, ce_sum = carry
-            (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            ce, grads_sum = add_gradients(state.params, micro_batch, seed, grads_sum)
             grads_sum = jax.lax.with_sharding_constraint(grads_sum, param_shardings)
             return (grads_sum, ce_sum + ce), None
 

@@ -185,8 +185,9 @@ def log_start(cfg, mesh, program: Program) -> None:
     p = program.stages
     if p.stages > 1:
         log.info(
-            "pipeline | %d stages x %d repeats, %d layers each | %d microbatches per "
+            "pipeline | %s | %d stages x %d repeats, %d layers each | %d microbatches per "
             "forward pass | bubble %.1f %% = (S-1)/(R*M+S-1)",
+            cfg.train.pipeline_schedule,
             p.stages,
             p.repeats,
             cfg.model.n_layers // (p.stages * p.repeats),

@@ -124,7 +124,9 @@ def test_a_circular_pipeline_checkpoint_is_read_as_one_stack_of_layers(tiny_cfg,
     the plain [L, ...] stack reshaped; the tools read them back as that plain stack."""
     from jaxlm.convert import from_hf
 
-    cfg = tiny_cfg("model.n_layers=4", "train.pipeline_repeats=2")
+    cfg = tiny_cfg(
+        "model.n_layers=4", "train.pipeline_repeats=2", "train.pipeline_schedule=circular"
+    )
     mesh = mesh_lib.make_mesh("dp=8")
     build = lambda stages: jax.jit(  # noqa: E731
         lambda key: model_lib.build(cfg.model, key, stages=stages)[1]

@@ -20,13 +20,17 @@ from jaxlm.model.pipeline import PipelineSpec
 from jaxlm.step import abstract_step_inputs, build_program, make_loss_fn
 
 FOUR_LAYERS = ("model.n_layers=4", "train.steps=4", "train.eval_every=0")
+CIRCULAR = ("train.pipeline_repeats=2", "train.pipeline_schedule=circular")
 LAYOUTS = [
     ("pp=2", []),
     ("pp=4", []),
     ("pp=2,tp=2,dp=2", []),
     ("pp=2,dp=4", ["train.zero1=true"]),
-    ("pp=2", ["train.pipeline_repeats=2"]),
-    ("pp=2", ["train.pipeline_repeats=2", "train.microbatches=4"]),
+    ("pp=2", [*CIRCULAR]),
+    (
+        "pp=2",
+        [*CIRCULAR, "train.microbatches=4"],
+    ),
     ("pp=2,tp=2", ["model.remat=full", "train.microbatches=4"]),
 ]
 
@@ -99,7 +103,10 @@ def test_packed_documents_and_uneven_microbatches_give_the_unpipelined_gradients
 
 
 def test_each_stage_holds_only_its_share_of_the_layer_stack(tiny_cfg):
-    for spec, extra in (("pp=4,dp=2", []), ("pp=2,tp=2,dp=2", ["train.pipeline_repeats=2"])):
+    for spec, extra in (
+        ("pp=4,dp=2", []),
+        ("pp=2,tp=2,dp=2", [*CIRCULAR]),
+    ):
         program = build_program(tiny_cfg(*FOUR_LAYERS, *extra), mesh(spec))
         layers = program.init(jax.random.key(0)).params["layers"]
         pp = program.stages.stages
@@ -135,7 +142,7 @@ def stacked_weight_gathers(program, hlo: str, repeats: bool) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("extra", [[], ["train.pipeline_repeats=2"]])
+@pytest.mark.parametrize("extra", [[], [*CIRCULAR]])
 def test_activations_move_by_collective_permute_and_weights_never_gather(tiny_cfg, extra):
     program, hlo = compiled_train_step(tiny_cfg(*FOUR_LAYERS, *extra), mesh("pp=2,dp=2,tp=2"))
     assert re.search(r"collective-permute(-start)?\(", hlo)
@@ -185,7 +192,7 @@ def test_pipeline_microbatches_default_to_one_sequence_each(tiny_cfg, overrides,
         ),
         (
             "pp=2",
-            ["model.n_layers=4", "train.pipeline_repeats=4"],
+            ["model.n_layers=4", "train.pipeline_repeats=4", "train.pipeline_schedule=circular"],
             "model.n_layers=4 is not divisible by 2 pipeline stages x 4 repeats = 8",
         ),
         (
@@ -198,7 +205,11 @@ def test_pipeline_microbatches_default_to_one_sequence_each(tiny_cfg, overrides,
             ["model.n_layers=4", "train.microbatches=3"],
             "train.microbatches=3 does not divide the 16 sequences",
         ),
-        ("dp=2", ["train.pipeline_repeats=2"], "train.pipeline_repeats needs a pipeline"),
+        (
+            "dp=2",
+            [*CIRCULAR],
+            "train.pipeline_repeats needs a pipeline",
+        ),
         (
             "pp=4,dp=2",
             ["model.n_layers=4", "train.global_batch_size=4"],
@@ -226,7 +237,11 @@ def test_a_pipelined_checkpoint_continues_without_a_pipeline(tiny_cfg, tmp_path)
 
     with pytest.raises(UsageError, match="resume with the train.pipeline_repeats it was"):
         training.run(
-            tiny_cfg("train.steps=8", *schedule, "train.pipeline_repeats=2"),
+            tiny_cfg(
+                "train.steps=8",
+                *schedule,
+                *CIRCULAR,
+            ),
             mesh("pp=2,dp=4"),
             tmp_path,
         )

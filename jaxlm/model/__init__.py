@@ -5,6 +5,7 @@ arrays (what Orbax saves, what optax updates, what converters read) and rebuilds
 inside jit with `nnx.merge`, which costs nothing at run time.
 """
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -13,9 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.model import pipeline_1f1b
 from jaxlm.model.layers import CACHE_AXES, LayerCache
 from jaxlm.model.pipeline import PipelineSpec
-from jaxlm.model.transformer import Transformer
+from jaxlm.model.transformer import Transformer, apply_layer
 from jaxlm.sharding import ActivationSharding
 
 Params = dict[str, Any]
@@ -72,6 +74,38 @@ def decode(graphdef, params: Params, tokens_BxT, cache: LayerCache, start):
     return nnx.merge(graphdef, params).decode(tokens_BxT, cache, start)
 
 
+def stage_parts(graphdef, params: Params, loss_of_logits) -> pipeline_1f1b.StageParts:
+    """The model cut into the pieces the 1F1B schedule runs: embedding, layer, head and loss
+    (`loss_of_logits(logits, targets, weights)`, per token), as pure functions of the
+    parameters."""
+    # The embedding and the head never touch the layers: shapes stand in for them.
+    no_layers = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["layers"])
+
+    def outside_layers(rest) -> Transformer:
+        return nnx.merge(graphdef, {**rest, "layers": no_layers})
+
+    model = outside_layers(without_layers(params))
+    layers_graphdef = nnx.graphdef(model.layers)
+
+    def embed(rest, tokens_BxL, positions_BxL):
+        return outside_layers(rest).embed(tokens_BxL, positions_BxL)
+
+    def loss(rest, x_BxLxD, targets_BxL, weights_BxL):
+        return loss_of_logits(outside_layers(rest).head(x_BxLxD), targets_BxL, weights_BxL)
+
+    return pipeline_1f1b.StageParts(
+        embed=embed,
+        context=model.layer_context,
+        layer=functools.partial(apply_layer, layers_graphdef),
+        loss=loss,
+    )
+
+
+def without_layers(params: Params) -> Params:
+    """The parameters outside the layer stack: embeddings, final norm, head."""
+    return {k: v for k, v in params.items() if k != "layers"}
+
+
 def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> LayerCache:
     """The key/value cache of `batch` sequences of up to `length` tokens, in the compute dtype;
     its dimensions are named by CACHE_AXES."""
@@ -96,4 +130,6 @@ __all__ = [
     "decode",
     "describe",
     "param_count",
+    "stage_parts",
+    "without_layers",
 ]

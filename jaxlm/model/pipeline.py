@@ -7,7 +7,9 @@ The pipeline is a `shard_map` that is manual over `pipeline` only (data, fsdp an
 XLA's to partition inside it): every stage runs one scan, and at each iteration it applies its
 layers to the microbatch in front of it and passes the result one stage on with a `ppermute`
 (a collective-permute). Autodiff of the scan gives the backward pass (GPipe: all forwards, then
-all backwards); the permutes transpose to permutes the other way.
+all backwards); the permutes transpose to permutes the other way. The 1F1B schedule, which
+interleaves them and keeps at most 2S − 1 microbatches per stage, is
+jaxlm/model/pipeline_1f1b.py; it shares `split_microbatches` with this one.
 
 Circular schedule (`repeats` R > 1): the layers form S·R groups and stage s holds groups
 s, s + S, s + 2S, ... (stored as [R, L/R, ...] with the second axis sharded, so the flat order

@@ -190,8 +190,10 @@ class Transformer(nnx.Module):
         """The logical names of the batch and length of the embedding's output and the head's
         input. Both work per token: under a pipeline their tokens are split over the stages too,
         by sequence where the batch divides (the stream's layout, pipeline.split_microbatches),
-        else by position; otherwise each stage would compute and keep the whole batch's."""
-        if self.stages.stages > 1:
+        else by position; otherwise each stage would compute and keep the whole batch's. Inside a
+        stage (the 1F1B schedule) they work on one microbatch, as the layers do."""
+        inside_stage = pipeline.AXIS in jax.sharding.get_abstract_mesh().manual_axes
+        if self.stages.stages > 1 and not inside_stage:
             for names in (("pipeline_batch", "length"), ("batch", "pipeline_length")):
                 if self.shard.fits(shape, (*names, "act_embed")):
                     return names
@@ -223,9 +225,9 @@ class Transformer(nnx.Module):
         x_BxTxD, cache = jax.lax.scan(one_layer, x_BxTxD, (stacked, cache))
         return self.head(x_BxTxD), cache
 
-    def _run_layers(self, graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL, group=None):
-        """Scan blocks over the leading axis of `stacked`, one layer's weights at a time; with
-        `group`, over the layers of stacked[group] (a pipeline round, see pipeline.run)."""
+    def layer_context(self, positions_BxL, segments_BxL):
+        """What every layer of a forward pass shares: (rotary tables or None, the attention
+        mask: None for causal only, document equality [B, 1, L, L], or the ring's token ids)."""
         cfg = self.cfg
         rotary = None
         if cfg.positions == "rope":
@@ -235,9 +237,16 @@ class Transformer(nnx.Module):
             mask = TokenIds(positions_BxL, segments_BxL)
         elif segments_BxL is not None:
             mask = segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
+        return rotary, mask
+
+    def _run_layers(self, graphdef, stacked, x_BxLxD, positions_BxL, segments_BxL, group=None):
+        """Scan blocks over the leading axis of `stacked`, one layer's weights at a time; with
+        `group`, over the layers of stacked[group] (a pipeline round, see pipeline.run)."""
+        cfg = self.cfg
+        shared = self.layer_context(positions_BxL, segments_BxL)
 
         def one_layer(x_BxLxD, layer_params):
-            return nnx.merge(graphdef, layer_params)(x_BxLxD, rotary, mask), None
+            return apply_layer(graphdef, layer_params, x_BxLxD, shared), None
 
         if group is not None:
             # The group's weights are a slice that depends on the pipeline iteration: sliced
@@ -258,6 +267,13 @@ class Transformer(nnx.Module):
             )
         x_BxLxD, _ = jax.lax.scan(one_layer, x_BxLxD, stacked)
         return x_BxLxD
+
+
+def apply_layer(graphdef, layer_params, x_BxLxD, shared):
+    """One block of the stack (`graphdef` the stack's, `layer_params` one layer's slice) on x,
+    with `shared` = layer_context(...)."""
+    rotary, mask = shared
+    return nnx.merge(graphdef, layer_params)(x_BxLxD, rotary, mask)
 
 
 def _split_layer_axis(stack: nnx.Module, repeats: int) -> None:

@@ -1,0 +1,162 @@
+"""The 1F1B schedule (jaxlm/model/pipeline_1f1b.py): the same gradients as the unpipelined model
+and as GPipe, the same optimizer steps, and memory bounded by the stages, not the microbatches."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_same_loss_and_gradients, packed_batch, tiny_config, train_rows
+from jaxlm import mesh as mesh_lib
+from jaxlm import sharding, training
+from jaxlm.cost import compiled
+from jaxlm.errors import UsageError
+from jaxlm.model import PipelineSpec, pipeline_1f1b
+from jaxlm.step import (
+    build_program,
+    make_1f1b_gradients,
+    make_autodiff_gradients,
+    make_loss_fn,
+)
+
+ROWS = 16
+FOUR_LAYERS = ("model.n_layers=4", f"train.global_batch_size={ROWS}")
+
+
+def mesh(spec):
+    n = np.prod([int(part.split("=")[1]) for part in spec.split(",")])
+    return mesh_lib.make_mesh(spec, jax.devices()[:n])
+
+
+def loss_and_gradients(cfg, m, schedule_gradients: bool):
+    """(mean token loss, its gradients) of a packed batch from `cfg`'s initial state on `m`,
+    by the 1F1B schedule or by autodiff of the forward pass (GPipe's, on a pipeline)."""
+    program = build_program(cfg, m)
+    params = program.init(jax.random.key(0)).params
+    batch = packed_batch(ROWS, cfg.train.seq_len, cfg.model.vocab_size)
+    placed = jax.device_put(batch, program.batch_sharding)
+    if schedule_gradients:
+        shard = sharding.ActivationSharding(m)
+        add = make_1f1b_gradients(cfg, program.spec.graphdef, program.stages, shard)
+    else:
+        add = make_autodiff_gradients(make_loss_fn(program.spec.graphdef))
+    seed = jnp.float32(1 / batch["weights"].sum())
+
+    @jax.jit
+    def mean_loss_and_gradients(params, batch):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        ce_sum, grads = add(params, batch, seed, zeros)
+        return ce_sum * seed, grads
+
+    return mean_loss_and_gradients(params, placed)
+
+
+@pytest.fixture(scope="module")
+def unpipelined():
+    return loss_and_gradients(tiny_config(*FOUR_LAYERS), mesh("dp=1"), False)
+
+
+ONE_F_ONE_B = [
+    # pp, M = S, 2S, 4S; tensor and data parallelism around it; remat=full (only the stage's
+    # input kept); packed documents throughout
+    ("pp=2", 2, []),
+    ("pp=4", 8, []),
+    pytest.param("pp=4", 4, [], marks=pytest.mark.slow),
+    pytest.param("pp=2", 8, ["model.remat=full"], marks=pytest.mark.slow),
+    pytest.param("pp=4", 16, [], marks=pytest.mark.slow),
+    pytest.param("pp=2,tp=2,dp=2", 4, [], marks=pytest.mark.slow),
+    pytest.param("pp=2,fsdp=2,tp=2", 2, ["model.remat=full"], marks=pytest.mark.slow),
+    pytest.param("pp=4,dp=2", 8, [], marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("spec, microbatches, extra", ONE_F_ONE_B)
+def test_1f1b_gives_the_unpipelined_loss_and_gradients(unpipelined, spec, microbatches, extra):
+    cfg = tiny_config(
+        *FOUR_LAYERS,
+        "train.pipeline_schedule=1f1b",
+        f"train.microbatches={microbatches}",
+        *extra,
+    )
+    assert_same_loss_and_gradients(loss_and_gradients(cfg, mesh(spec), True), unpipelined)
+
+
+@pytest.mark.slow
+def test_1f1b_gives_gpipes_loss_and_gradients_on_the_same_mesh():
+    overrides = (*FOUR_LAYERS, "train.microbatches=8")
+    gpipe = loss_and_gradients(tiny_config(*overrides), mesh("pp=4,dp=2"), False)
+    cfg = tiny_config(*overrides, "train.pipeline_schedule=1f1b")
+    assert_same_loss_and_gradients(loss_and_gradients(cfg, mesh("pp=4,dp=2"), True), gpipe)
+
+
+def test_1f1b_trains_as_the_unpipelined_model_with_accumulation_and_zero1(tiny_cfg):
+    """The optimizer step around the schedule is unchanged: two micro batches accumulated,
+    ZeRO-1's sharded update, the same losses step by step."""
+    schedule = ("model.n_layers=4", "train.steps=3", "train.eval_every=0")
+    want = train_rows(training.run(tiny_cfg(*schedule), mesh("dp=1")))
+    cfg = tiny_cfg(
+        *schedule,
+        "train.pipeline_schedule=1f1b",
+        "train.micro_batch_size=4",
+        "train.zero1=true",
+    )
+    got = train_rows(training.run(cfg, mesh("pp=2,dp=2")))
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["grad_norm"] for r in got], [r["grad_norm"] for r in want], rtol=1e-5
+    )
+
+
+def test_a_stage_holds_at_most_2s_minus_1_microbatches():
+    assert pipeline_1f1b.in_flight(PipelineSpec(4, 1, 32)) == 7
+    assert pipeline_1f1b.in_flight(PipelineSpec(4, 1, 4)) == 4
+
+
+def temporaries(schedule: str, microbatches: int) -> int:
+    cfg = tiny_config(
+        "model.n_layers=8",
+        "model.remat=full",
+        f"train.global_batch_size={microbatches}",
+        f"train.microbatches={microbatches}",
+        f"train.pipeline_schedule={schedule}",
+    )
+    return compiled.compile_step(cfg, build_program(cfg, mesh("pp=4"))).memory["temp"]
+
+
+@pytest.mark.slow
+def test_1f1b_memory_does_not_grow_with_the_microbatches_as_gpipes_does():
+    """XLA's temporaries from M = 8 to M = 32 microbatches of one sequence: GPipe's grow by what
+    it keeps per microbatch, 1F1B's by far less (its buffers of tokens and losses only)."""
+    gpipe = temporaries("gpipe", 32) - temporaries("gpipe", 8)
+    one_f_one_b = temporaries("1f1b", 32) - temporaries("1f1b", 8)
+    assert gpipe > 0
+    assert one_f_one_b < 0.25 * gpipe, (one_f_one_b, gpipe)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["train.pipeline_schedule=1f1b", "train.pipeline_repeats=2"],
+            "train.pipeline_schedule=1f1b with train.pipeline_repeats=2 (interleaved 1F1B)",
+        ),
+        (
+            ["train.pipeline_schedule=1f1b", "train.loss_chunks=2"],
+            "train.loss_chunks does not apply to train.pipeline_schedule=1f1b",
+        ),
+        (
+            ["train.pipeline_schedule=circular"],
+            "train.pipeline_schedule=circular needs train.pipeline_repeats of 2 or more",
+        ),
+        (
+            ["train.pipeline_repeats=2"],
+            "train.pipeline_repeats=2 runs the circular schedule: set "
+            "train.pipeline_schedule=circular",
+        ),
+    ],
+)
+def test_schedules_that_do_not_fit_are_refused(tiny_cfg, overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        build_program(tiny_cfg(*FOUR_LAYERS, *overrides), mesh("pp=2"))
