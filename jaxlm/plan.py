@@ -73,7 +73,11 @@ def render(plan: dict) -> str:
         + ", ".join(f"{k} {v:,}" for k, v in c.items() if k != "total" and v),
         f"mesh {plan['mesh']} on {plan['devices']} x {plan['device']} | micro batch "
         f"{plan['micro_batch']} x accumulation {plan['accumulation']}"
-        + (f" | bubble {100 * plan['pipeline_bubble']:.1f} %" if plan["pipeline_bubble"] else ""),
+        + (
+            f" | {plan['pipeline_schedule']} bubble {100 * plan['pipeline_bubble']:.1f} %"
+            if plan["pipeline_bubble"]
+            else ""
+        ),
         f"FLOPs per token: model {plan['flops_per_token']:.4g} (6N + attention), hardware "
         f"{plan['hardware_flops_per_token']:.4g} (with recomputation)"
         + (

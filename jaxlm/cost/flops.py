@@ -14,7 +14,8 @@ Model FLOPs per token (what MFU counts, PaLM's and Megatron's definition):
 
 Hardware FLOPs also count what activation recomputation runs again: `full` reruns each layer's
 forward (+2 * N_layers + 2 * L * T * N * H), `save_dots` keeps the weight matmuls and reruns the
-attention matmuls (+2 * L * T * N * H). MFU uses model FLOPs only, so recomputation lowers it.
+attention matmuls (+2 * L * T * N * H); the 1F1B pipeline schedule reruns the layers' forward
+once more. MFU uses model FLOPs only, so recomputation lowers it.
 
     MFU = model_flops_per_token * tokens/s / (devices * peak FLOP/s per device)
 """
@@ -71,14 +72,22 @@ def model_flops_per_token_of(cfg, shapes) -> float:
     return model_flops_per_token(cfg.model, cfg.train.seq_len, params_by_component(shapes))
 
 
-def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, counts: dict[str, int]) -> float:
-    """Model FLOPs plus the forward work that runs a second time: the core attention always
-    (its scores are recomputed in the backward pass, by a flash kernel or jaxlm/model/layers.py
-    for XLA's), and the layers' weight matmuls too under full recomputation."""
+def hardware_flops_per_token(
+    cfg: ModelConfig, seq_len: int, counts: dict[str, int], schedule: str = "gpipe"
+) -> float:
+    """Model FLOPs plus the forward work that runs again: the core attention always (its
+    scores are recomputed in the backward pass, by a flash kernel or jaxlm/model/layers.py for
+    XLA's), and the layers' weight matmuls as often as `layer_reruns` says."""
     extra = attention_flops_per_token(cfg, seq_len)
-    if cfg.remat == "full":
-        extra += 2 * (counts["attention"] + counts["mlp"])
+    extra += 2 * (counts["attention"] + counts["mlp"]) * layer_reruns(cfg, schedule)
     return model_flops_per_token(cfg, seq_len, counts) + extra
+
+
+def layer_reruns(cfg: ModelConfig, schedule: str = "gpipe") -> int:
+    """Extra forward passes of the layers per step: one under full recomputation; under the
+    1F1B schedule (`schedule`, the pipeline's), one more, since its backward slot recomputes
+    each layer from its saved input (jaxlm/model/pipeline_1f1b.py)."""
+    return (cfg.remat == "full") + (schedule == "1f1b")
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_tflops: float) -> float:

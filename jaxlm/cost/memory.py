@@ -50,14 +50,21 @@ def activation_bytes(cfg, program, mesh) -> int:
 
 
 def pipeline_weight_bytes(cfg, program) -> int:
-    """Two weight-sized buffers of a pipeline stage beyond the state (jaxlm/model/pipeline.py):
-    while one iteration's backward pass runs, its layer scan's stacked float32 gradients beside
-    their sum over the iterations; and the stage's weights cast once to the compute dtype.
-    0 without a pipeline."""
+    """Weight-sized buffers of a pipeline stage beyond the state; 0 without a pipeline.
+
+    GPipe (jaxlm/model/pipeline.py): while one iteration's backward pass runs, its layer scan's
+    stacked float32 gradients beside their sum over the iterations; and the stage's weights cast
+    once to the compute dtype. 1F1B (jaxlm/model/pipeline_1f1b.py) adds each layer's gradient
+    into the step's sum in place and casts one layer at a time; it keeps the gradients of the
+    parameters outside the layers (whole on every stage) in float32."""
     if program.stages.stages == 1:
         return 0
-    layers = shard_bytes(program.spec.shapes["layers"], program.state_shardings.params["layers"])
+    shapes, shardings = program.spec.shapes, program.state_shardings.params
+    layers = shard_bytes(shapes["layers"], shardings["layers"])
     c = _itemsize(cfg)
+    if cfg.train.pipeline_schedule == "1f1b":
+        rest = {k: v for k, v in shapes.items() if k != "layers"}
+        return shard_bytes(rest, {k: shardings[k] for k in rest})
     return layers + (layers * c // 4 if c < 4 else 0)
 
 
@@ -96,7 +103,11 @@ def estimate_activation_bytes(
 
     A pipeline (GPipe, in one scan) keeps what the policy saves at every one of its
     R·M + S − 1 iterations, bubble included: (R·M + S − 1) / (R·M) times the micro batch's, and
-    its stream of ⌈M/S⌉ microbatches of layer outputs with their cotangents.
+    its stream of ⌈M/S⌉ microbatches of layer outputs with their cotangents. 1F1B keeps, for
+    each of the K = min(M, 2S − 1) microbatches in flight, each layer's input (the stage's input
+    only under `full`, whose backward slot then recomputes the layer inputs of one microbatch);
+    its backward slot differentiates one layer of one microbatch at a time, keeping all that
+    layer's activations while it runs, and its head runs on one microbatch.
     """
     m, t = cfg.model, cfg.train
     c = _itemsize(cfg)
@@ -120,6 +131,15 @@ def estimate_activation_bytes(
     # logits in the compute dtype, their float32 softmax and its gradient, for one of the
     # `train.loss_chunks` slices of the rows at a time
     logits = tokens / stages / t.loss_chunks * m.vocab_size / tp * (c + 4 + 4)
+    if stages > 1 and t.pipeline_schedule == "1f1b":
+        one = tokens / microbatches  # a microbatch's tokens
+        in_flight = min(microbatches, 2 * stages - 1)
+        inputs = one * c * D * (1 if m.remat == "full" else layers)
+        recomputed = one * c * D * layers if m.remat == "full" else 0
+        # the activation and cotangent in flight, each sent and received
+        hops = 4 * one * c * D
+        head = one * m.vocab_size / tp * (c + 4 + 4)
+        return int(in_flight * inputs + recomputed + one * (everything + scores) + hops + head)
     kept = tokens * layers * per_layer
     if stages > 1:
         rounds = repeats * microbatches

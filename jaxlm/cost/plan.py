@@ -55,9 +55,10 @@ def layout_warnings(cfg, mesh, program, device, per_node: int, fits_bytes: int |
             f"compute: raise the global batch or shard less"
         )
     if program.stages.stages > 1 and program.stages.bubble > LARGE_BUBBLE:
+        more_groups = "" if cfg.train.pipeline_schedule == "1f1b" else " or train.pipeline_repeats"
         warnings.append(
             f"pipeline bubble {100 * program.stages.bubble:.0f} %: raise "
-            f"train.microbatches or train.pipeline_repeats"
+            f"train.microbatches{more_groups}"
         )
     if program.stages.stages > 1 and sizes["fsdp"] > 1:
         warnings.append(
@@ -88,6 +89,7 @@ def make_plan(
     program = build_program(cfg, mesh)
     counts = flops.params_by_component(program.spec.shapes)
     seq = cfg.train.seq_len
+    schedule = cfg.train.pipeline_schedule if program.stages.stages > 1 else None
     model_flops = flops.model_flops_per_token(cfg.model, seq, counts)
     n = mesh.devices.size
     per_node = devices_per_node or device.per_node
@@ -106,7 +108,9 @@ def make_plan(
         "params": counts["total"],
         "params_by_component": counts,
         "flops_per_token": model_flops,
-        "hardware_flops_per_token": flops.hardware_flops_per_token(cfg.model, seq, counts),
+        "hardware_flops_per_token": flops.hardware_flops_per_token(
+            cfg.model, seq, counts, schedule or "gpipe"
+        ),
         "bytes_per_device": state,
         "tokens": tokens,
         "mfu": mfu,
@@ -117,6 +121,7 @@ def make_plan(
         "micro_batch": program.micro_batch,
         "accumulation": program.accumulation,
         "pipeline_bubble": program.stages.bubble if program.stages.stages > 1 else 0.0,
+        "pipeline_schedule": schedule,
     }
     fits_bytes = state["total"]
     warnings = []

@@ -158,7 +158,8 @@ def groups(cfg, sizes: dict[str, int], device_list) -> list[Group]:
 def arithmetic_seconds(c, program, devices: int, device) -> float:
     """Hardware FLOPs of a step at peak, stretched by the pipeline bubble (for the first cut)."""
     counts = flops.params_by_component(program.spec.shapes)
-    per_token = flops.hardware_flops_per_token(c.model, c.train.seq_len, counts)
+    schedule = c.train.pipeline_schedule if program.stages.stages > 1 else "gpipe"
+    per_token = flops.hardware_flops_per_token(c.model, c.train.seq_len, counts, schedule)
     seconds = (
         per_token
         * c.train.global_batch_size
