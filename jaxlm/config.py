@@ -126,8 +126,9 @@ class TrainConfig:
     pipeline_repeats: int = setting(1, at_least(1))
     # gpipe: all forwards, then all backwards (activations of every microbatch kept);
     # circular: GPipe over pipeline_repeats layer groups per stage;
-    # 1f1b: one forward and one backward per stage per slot, at most 2 x stages - 1
-    # microbatches' layer inputs kept (jaxlm/model/pipeline_1f1b.py)
+    # 1f1b: one forward and one backward per stage per iteration, at most 2 x stages - 1
+    # microbatches' layer inputs kept (jaxlm/model/pipeline_1f1b.py); interleaved with
+    # pipeline_repeats > 1
     pipeline_schedule: Literal["gpipe", "circular", "1f1b"] = "gpipe"
     # > 1: the head and loss run on this many slices of each forward pass's rows in turn,
     # recomputed in the backward pass, so only one slice's logits are alive at a time

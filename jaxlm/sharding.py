@@ -225,11 +225,6 @@ def pipeline_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int, int]:
             "train.loss_chunks does not apply to train.pipeline_schedule=1f1b, whose head "
             "already runs on one microbatch at a time: leave it at 1"
         )
-    if schedule == "1f1b" and repeats > 1:
-        raise UsageError(
-            f"train.pipeline_schedule=1f1b with train.pipeline_repeats={repeats} (interleaved "
-            f"1F1B) is not built: use train.pipeline_repeats=1, or the circular schedule"
-        )
     layers = cfg.model.n_layers
     if layers % (stages * repeats):
         raise UsageError(
@@ -255,6 +250,12 @@ def pipeline_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int, int]:
         raise UsageError(
             f"train.microbatches={microbatches} does not divide the {micro} sequences each "
             f"data-parallel replica runs per forward pass (train.micro_batch_size)"
+        )
+    if schedule == "1f1b" and repeats > 1 and microbatches % stages:
+        raise UsageError(
+            f"interleaved 1F1B (train.pipeline_repeats={repeats}) runs the microbatches in "
+            f"groups of the {stages} stages: train.microbatches={microbatches} must be a "
+            f"multiple of {stages}"
         )
     return stages, repeats, microbatches
 

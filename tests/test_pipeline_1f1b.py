@@ -23,6 +23,7 @@ from jaxlm.step import (
 
 ROWS = 16
 FOUR_LAYERS = ("model.n_layers=4", f"train.global_batch_size={ROWS}")
+INTERLEAVED = ("train.pipeline_repeats=2",)
 
 
 def mesh(spec):
@@ -55,7 +56,16 @@ def loss_and_gradients(cfg, m, schedule_gradients: bool):
 
 @pytest.fixture(scope="module")
 def unpipelined():
-    return loss_and_gradients(tiny_config(*FOUR_LAYERS), mesh("dp=1"), False)
+    """The unpipelined model's loss and gradients, by its number of layers (computed once)."""
+    found = {}
+
+    def of(layers: int):
+        if layers not in found:
+            cfg = tiny_config(*FOUR_LAYERS, f"model.n_layers={layers}")
+            found[layers] = loss_and_gradients(cfg, mesh("dp=1"), False)
+        return found[layers]
+
+    return of
 
 
 ONE_F_ONE_B = [
@@ -69,6 +79,19 @@ ONE_F_ONE_B = [
     pytest.param("pp=2,tp=2,dp=2", 4, [], marks=pytest.mark.slow),
     pytest.param("pp=2,fsdp=2,tp=2", 2, ["model.remat=full"], marks=pytest.mark.slow),
     pytest.param("pp=4,dp=2", 8, [], marks=pytest.mark.slow),
+    # interleaved: two layer groups per stage
+    ("pp=2", 4, ["train.pipeline_repeats=2"]),
+    pytest.param("pp=2", 2, ["train.pipeline_repeats=2"], marks=pytest.mark.slow),
+    pytest.param("pp=2", 8, ["train.pipeline_repeats=2"], marks=pytest.mark.slow),
+    pytest.param(
+        "pp=2", 4, ["train.pipeline_repeats=2", "model.remat=full"], marks=pytest.mark.slow
+    ),
+    pytest.param("pp=2,tp=2,dp=2", 4, ["train.pipeline_repeats=2"], marks=pytest.mark.slow),
+    *[
+        pytest.param("pp=4", m, ["model.n_layers=8", *INTERLEAVED], marks=pytest.mark.slow)
+        for m in (4, 8, 16)
+    ],
+    pytest.param("pp=2", 4, [], marks=pytest.mark.slow),
 ]
 
 
@@ -80,15 +103,36 @@ def test_1f1b_gives_the_unpipelined_loss_and_gradients(unpipelined, spec, microb
         f"train.microbatches={microbatches}",
         *extra,
     )
-    assert_same_loss_and_gradients(loss_and_gradients(cfg, mesh(spec), True), unpipelined)
+    loss, grads = loss_and_gradients(cfg, mesh(spec), True)
+    want = unpipelined(cfg.model.n_layers)
+    assert_same_loss_and_gradients((loss, as_one_stack(grads, cfg)), want)
+
+
+def as_one_stack(grads, cfg):
+    """The interleaved layout's layer gradients [R, L / R, ...] as the plain stack [L, ...]."""
+    if cfg.train.pipeline_repeats == 1:
+        return grads
+    layers = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), grads["layers"])
+    return {**grads, "layers": layers}
 
 
 @pytest.mark.slow
-def test_1f1b_gives_gpipes_loss_and_gradients_on_the_same_mesh():
-    overrides = (*FOUR_LAYERS, "train.microbatches=8")
-    gpipe = loss_and_gradients(tiny_config(*overrides), mesh("pp=4,dp=2"), False)
-    cfg = tiny_config(*overrides, "train.pipeline_schedule=1f1b")
-    assert_same_loss_and_gradients(loss_and_gradients(cfg, mesh("pp=4,dp=2"), True), gpipe)
+@pytest.mark.parametrize(
+    "spec, gpipe, one_f_one_b",
+    [
+        ("pp=4,dp=2", [], ["train.pipeline_schedule=1f1b"]),
+        (
+            "pp=2,dp=2",
+            ["train.pipeline_schedule=circular", "train.pipeline_repeats=2"],
+            ["train.pipeline_schedule=1f1b", "train.pipeline_repeats=2"],
+        ),
+    ],
+)
+def test_1f1b_gives_gpipes_loss_and_gradients_on_the_same_mesh(spec, gpipe, one_f_one_b):
+    overrides = (*FOUR_LAYERS, "train.microbatches=4")
+    want = loss_and_gradients(tiny_config(*overrides, *gpipe), mesh(spec), False)
+    got = loss_and_gradients(tiny_config(*overrides, *one_f_one_b), mesh(spec), True)
+    assert_same_loss_and_gradients(got, want)
 
 
 def test_1f1b_trains_as_the_unpipelined_model_with_accumulation_and_zero1(tiny_cfg):
@@ -112,6 +156,8 @@ def test_1f1b_trains_as_the_unpipelined_model_with_accumulation_and_zero1(tiny_c
 def test_a_stage_holds_at_most_2s_minus_1_microbatches():
     assert pipeline_1f1b.in_flight(PipelineSpec(4, 1, 32)) == 7
     assert pipeline_1f1b.in_flight(PipelineSpec(4, 1, 4)) == 4
+    # interleaved: waves of one layer group each, at most 2RS - 1
+    assert pipeline_1f1b.in_flight(PipelineSpec(4, 2, 32)) == 15
 
 
 def temporaries(schedule: str, microbatches: int) -> int:
@@ -139,8 +185,14 @@ def test_1f1b_memory_does_not_grow_with_the_microbatches_as_gpipes_does():
     "overrides, message",
     [
         (
-            ["train.pipeline_schedule=1f1b", "train.pipeline_repeats=2"],
-            "train.pipeline_schedule=1f1b with train.pipeline_repeats=2 (interleaved 1F1B)",
+            [
+                "train.pipeline_schedule=1f1b",
+                "train.pipeline_repeats=2",
+                "train.global_batch_size=12",
+                "train.microbatches=6",
+            ],
+            "interleaved 1F1B (train.pipeline_repeats=2) runs the microbatches in groups of the "
+            "4 stages: train.microbatches=6 must be a multiple of 4",
         ),
         (
             ["train.pipeline_schedule=1f1b", "train.loss_chunks=2"],
@@ -159,4 +211,4 @@ def test_1f1b_memory_does_not_grow_with_the_microbatches_as_gpipes_does():
 )
 def test_schedules_that_do_not_fit_are_refused(tiny_cfg, overrides, message):
     with pytest.raises(UsageError, match=re.escape(message)):
-        build_program(tiny_cfg(*FOUR_LAYERS, *overrides), mesh("pp=2"))
+        build_program(tiny_cfg("model.n_layers=8", *overrides), mesh("pp=4"))

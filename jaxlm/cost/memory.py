@@ -107,7 +107,8 @@ def estimate_activation_bytes(
     each of the K = min(M, 2S − 1) microbatches in flight, each layer's input (the stage's input
     only under `full`, whose backward slot then recomputes the layer inputs of one microbatch);
     its backward slot differentiates one layer of one microbatch at a time, keeping all that
-    layer's activations while it runs, and its head runs on one microbatch.
+    layer's activations while it runs, and its head runs on one microbatch. Interleaved
+    (R > 1), it holds min(R·M, 2RS − 1) waves of one layer group (L / (S·R) layers) each.
     """
     m, t = cfg.model, cfg.train
     c = _itemsize(cfg)
@@ -133,13 +134,14 @@ def estimate_activation_bytes(
     logits = tokens / stages / t.loss_chunks * m.vocab_size / tp * (c + 4 + 4)
     if stages > 1 and t.pipeline_schedule == "1f1b":
         one = tokens / microbatches  # a microbatch's tokens
-        in_flight = min(microbatches, 2 * stages - 1)
-        inputs = one * c * D * (1 if m.remat == "full" else layers)
-        recomputed = one * c * D * layers if m.remat == "full" else 0
+        group = layers // repeats  # the layers of one wave
+        waves = min(repeats * microbatches, 2 * repeats * stages - 1)  # pipeline_1f1b.in_flight
+        inputs = one * c * D * (1 if m.remat == "full" else group)
+        recomputed = one * c * D * group if m.remat == "full" else 0
         # the activation and cotangent in flight, each sent and received
         hops = 4 * one * c * D
         head = one * m.vocab_size / tp * (c + 4 + 4)
-        return int(in_flight * inputs + recomputed + one * (everything + scores) + hops + head)
+        return int(waves * inputs + recomputed + one * (everything + scores) + hops + head)
     kept = tokens * layers * per_layer
     if stages > 1:
         rounds = repeats * microbatches

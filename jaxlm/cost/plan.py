@@ -55,10 +55,9 @@ def layout_warnings(cfg, mesh, program, device, per_node: int, fits_bytes: int |
             f"compute: raise the global batch or shard less"
         )
     if program.stages.stages > 1 and program.stages.bubble > LARGE_BUBBLE:
-        more_groups = "" if cfg.train.pipeline_schedule == "1f1b" else " or train.pipeline_repeats"
         warnings.append(
             f"pipeline bubble {100 * program.stages.bubble:.0f} %: raise "
-            f"train.microbatches{more_groups}"
+            f"train.microbatches or train.pipeline_repeats"
         )
     if program.stages.stages > 1 and sizes["fsdp"] > 1:
         warnings.append(

@@ -23,6 +23,21 @@ backwards only (the cool-down), so the time is (M + S − 1) x (forward + backwa
 the bubble (S − 1) / (M + S − 1) is GPipe's too. A slot whose microbatch is outside [0, M)
 computes on stale data and its results are masked out, its write to the ring buffer too.
 
+Interleaved (`repeats` R > 1, the circular layout: stage s holds layer groups s, s + S, ...):
+a wave is one microbatch through one group, and the waves go in groups of S microbatches
+(M must be a multiple of S), each group through round 0, then round 1, ...: wave
+k = g·R·S + r·S + i is microbatch g·S + i in round r. What the last stage finishes in round r
+reaches stage 0 by the same permute just as that stage starts round r + 1 of the same
+microbatch, so nothing waits; backward waves run the rounds in reverse, and a cotangent leaving
+stage 0 in round r + 1 reaches the last stage for round r. With R = 1 this is the plain
+schedule above. Per stage and iteration t:
+
+    forward wave t − s,   backward wave t − ((R + 1)S − 2 − s),   R·M + S − 1 iterations of work
+
+so the bubble is the circular schedule's, (S − 1) / (R·M + S − 1), and a wave's inputs live at
+most 2RS − 1 iterations: K = min(R·M, 2RS − 1) slots of one group's (L / (S·R) layers) inputs.
+The warm-up is R·S − 1 iterations of forwards only, the cool-down as many of backwards only.
+
 The backward slot is written out by hand: a reverse scan over the stage's layers, each through
 `jax.vjp` of that one layer from its saved input (the layer's forward is recomputed there, so a
 stage keeps each layer's input per microbatch in flight, what `remat=full` keeps in GPipe), and
@@ -44,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxlm.model.pipeline import AXIS, PipelineSpec, split_microbatches
+from jaxlm.model.pipeline import AXIS, PipelineSpec, split_microbatches, weight_spec
 from jaxlm.sharding import ActivationSharding, data_parallel_size
 
 
@@ -87,7 +102,7 @@ def gradients(
     cells = {k: split_microbatches(v, M, replicas) for k, v in batch.items()}
     rest_grads, stacked_grads = grads
     replicated = PartitionSpec()
-    weights = PartitionSpec(AXIS)
+    weights = weight_spec(spec)
     token_losses, rest_sum, stacked_grads = jax.shard_map(
         lambda *args: _schedule(parts, *args, spec=spec, shard=shard, keep=keep_layer_inputs),
         mesh=shard.mesh,
@@ -101,49 +116,59 @@ def gradients(
 
 
 def in_flight(spec: PipelineSpec) -> int:
-    """Microbatches a stage holds between their forward and backward slots (stage 0's count)."""
-    return min(spec.microbatches, 2 * spec.stages - 1)
+    """Waves (a microbatch through one of the stage's layer groups) whose layer inputs a stage
+    holds at once: the ring buffer's slots, min(R·M, 2RS − 1)."""
+    s, r = spec.stages, spec.repeats
+    return min(r * spec.microbatches, 2 * r * s - 1)
 
 
 def _schedule(parts, rest, stacked, stacked_acc, cells, seed, *, spec, shard, keep):
-    S, M = spec.stages, spec.microbatches
+    S, R, M = spec.stages, spec.repeats, spec.microbatches
     K = in_flight(spec)
     stage = jax.lax.axis_index(AXIS)
     first, last = stage == 0, stage == S - 1
-    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    if R == 1:  # one group of layers: the circular layout's [R, n, ...] with R = 1
+        stacked, stacked_acc = jax.tree.map(lambda a: a[None], (stacked, stacked_acc))
+    n_layers = jax.tree.leaves(stacked)[0].shape[1]
     segments = cells.get("segments")
     # Differentiated as a per-stage value: the gradient of a value shared by the stages would be
     # summed over them at once (a psum inside the last stage's branch, which the others never
     # join). Each stage sums its own; `gradients` adds them up once, at the end.
     rest = _per_stage(rest)
 
-    def microbatch(k):
-        """(index, whether it is a real microbatch, its layers' shared context)."""
-        m = jnp.clip(k, 0, M - 1)
+    def wave(k):
+        """(microbatch, its group's index in the wave order, whether the wave is real, the
+        layers' shared context) of wave k: groups of S microbatches take each round in turn."""
+        group, i = jnp.divmod(jnp.clip(k, 0, R * M - 1), R * S)
+        m = group * S + i % S
         c = parts.context(cells["positions"][m], None if segments is None else segments[m])
-        return m, (0 <= k) & (k < M), c
+        return m, i // S, (0 <= k) & (k < R * M), c
 
-    def run_layers(x, c):
-        """The stage's layers on x: (output, the input of every layer [n, ...])."""
+    def layer_weights(r, j):
+        return jax.tree.map(lambda a: a[r, j], stacked)
 
-        def one(x, w):
-            return parts.layer(w, x, c), x
+    def run_layers(x, r, c):
+        """Group r's layers on x: (output, the input of every layer [n, ...])."""
 
-        return jax.lax.scan(one, x, stacked)
+        def one(x, j):
+            return parts.layer(layer_weights(r, j), x, c), x
+
+        return jax.lax.scan(one, x, jnp.arange(n_layers))
 
     def forward(carry: _Carry, t):
-        """Microbatch t − s through the stage (embedded first on stage 0); on the last stage
-        also the head, the loss and the loss's cotangent of the stage's output."""
-        m, valid, c = microbatch(t - stage)
+        """Wave t − s through the stage (embedded first on stage 0 in round 0); after the last
+        round on the last stage, also the head, the loss and the loss's cotangent."""
+        k = t - stage
+        m, r, valid, c = wave(k)
         x = jax.lax.cond(
-            first,
+            first & (r == 0),
             lambda: parts.embed(rest, cells["inputs"][m], cells["positions"][m]),
-            lambda: carry.activation,
+            lambda: carry.activation,  # on stage 0, from the last stage's round r − 1
         )
-        y, inputs = run_layers(x, c)
-        # with K < 2S − 1 (when M is) a stale slot's write could land on a microbatch still
+        y, inputs = run_layers(x, r, c)
+        # with K < 2RS − 1 (when R·M is) a stale slot's write could land on a wave still
         # in flight: it keeps the slot as it was
-        slot = (t - stage) % K
+        slot = k % K
         saved = carry.saved.at[slot].set(
             jnp.where(valid, inputs if keep else x[None], carry.saved[slot])
         )
@@ -159,7 +184,7 @@ def _schedule(parts, rest, stacked, stacked_acc, cells, seed, *, spec, shard, ke
             return rest_acc, losses, jnp.zeros_like(y)
 
         rest_acc, losses, g = jax.lax.cond(
-            last & valid, head, no_head, carry.rest_grads, carry.token_losses
+            last & valid & (r == R - 1), head, no_head, carry.rest_grads, carry.token_losses
         )
         carry = carry._replace(
             activation=_shift(y, 1, S), saved=saved, rest_grads=rest_acc, token_losses=losses
@@ -167,25 +192,24 @@ def _schedule(parts, rest, stacked, stacked_acc, cells, seed, *, spec, shard, ke
         return carry, g
 
     def backward(carry: _Carry, t, head_cotangent):
-        """Microbatch t − (2S − 2 − s) back through the stage, layer by layer from the saved
-        inputs (and into the embedding on stage 0)."""
-        b = t - (2 * S - 2 - stage)
-        m, valid, c = microbatch(b)
-        g = carry.cotangent
+        """Backward wave t − ((R + 1)S − 2 − s) (the rounds in reverse) through the stage,
+        layer by layer from the saved inputs (and into the embedding on stage 0 in round 0)."""
+        m, reverse_r, valid, c = wave(t - ((R + 1) * S - 2 - stage))
+        r = R - 1 - reverse_r
+        g = carry.cotangent  # from stage s + 1, or on the last stage from stage 0's round r + 1
         if head_cotangent is not None:
-            g = jnp.where(last, head_cotangent, g)
-        inputs = carry.saved[b % K]
+            g = jnp.where(last & (r == R - 1), head_cotangent, g)
+        inputs = carry.saved[((m // S) * R * S + r * S + m % S) % K]  # its forward wave's slot
         if not keep:
-            _, inputs = run_layers(inputs[0], c)
+            _, inputs = run_layers(inputs[0], r, c)
 
         def layer_back(state, j):
             g, acc = state
-            w = jax.tree.map(lambda a: a[j], stacked)
-            _, vjp = jax.vjp(lambda w, x: parts.layer(w, x, c), w, inputs[j])
+            _, vjp = jax.vjp(lambda w, x: parts.layer(w, x, c), layer_weights(r, j), inputs[j])
             dw, g = vjp(g)
             # a stale slot's gradient may be anything, inf and nan included: select, not scale
             acc = jax.tree.map(
-                lambda a, d: a.at[j].add(jnp.where(valid, d, 0).astype(a.dtype)), acc, dw
+                lambda a, d: a.at[r, j].add(jnp.where(valid, d, 0).astype(a.dtype)), acc, dw
             )
             return (g, acc), None
 
@@ -200,7 +224,9 @@ def _schedule(parts, rest, stacked, stacked_acc, cells, seed, *, spec, shard, ke
             (d_rest,) = vjp(dx)
             return _add(rest_acc, d_rest)
 
-        rest_acc = jax.lax.cond(first & valid, embedding_back, lambda a: a, carry.rest_grads)
+        rest_acc = jax.lax.cond(
+            first & valid & (r == 0), embedding_back, lambda a: a, carry.rest_grads
+        )
         return carry._replace(
             cotangent=_shift(dx, -1, S), stacked_grads=stacked_acc, rest_grads=rest_acc
         )
@@ -223,16 +249,20 @@ def _schedule(parts, rest, stacked, stacked_acc, cells, seed, *, spec, shard, ke
         stacked_grads=stacked_acc,
         token_losses=_per_stage(jnp.zeros(cells["targets"].shape, jnp.float32)),
     )
+    warm_up = R * S - 1  # iterations before the last stage's first backward slot
     phases = (  # (first iteration, iterations, forward slots, backward slots)
-        (0, S - 1, True, False),
-        (S - 1, M, True, True),
-        (M + S - 1, S - 1, False, True),
+        (0, warm_up, True, False),
+        (warm_up, R * M + S - 1 - warm_up, True, True),
+        (R * M + S - 1, warm_up, False, True),
     )
     for start, length, forwards, backwards in phases:
         body = functools.partial(iteration, forwards=forwards, backwards=backwards)
         carry, _ = jax.lax.scan(body, carry, start + jnp.arange(length))
     losses = jax.lax.psum(carry.token_losses, AXIS)  # each microbatch's, from the last stage
-    return losses, jax.lax.psum(carry.rest_grads, AXIS), carry.stacked_grads
+    stacked_grads = carry.stacked_grads
+    if R == 1:
+        stacked_grads = jax.tree.map(lambda a: a[0], stacked_grads)
+    return losses, jax.lax.psum(carry.rest_grads, AXIS), stacked_grads
 
 
 class _Carry(NamedTuple):
