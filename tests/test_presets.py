@@ -62,9 +62,10 @@ def test_every_preset_pair_compiles_its_train_step():
         matmul = counts["attention"] + counts["mlp"] + (counts["head"] or counts["embedding"])
         assert figures["flops_per_token"] >= 6 * matmul, name
         assert figures["days"] > 0 and figures["compile_s"] > 0, name
-        if name == "gpt-175b+frontier-175b@64":
-            # one replica of Frontier's layout, 40 microbatches, under 1F1B: in an MI250X GCD
-            assert figures["xla_bytes_per_device"] <= 64e9, figures["xla_bytes_per_device"]
+        if name in ("gpt-175b+frontier-175b@64", "gpt-1t+frontier-1t@512"):
+            # one replica of Frontier's layouts (40 and 800 microbatches) under 1F1B: each
+            # fits an MI250X GCD
+            assert figures["xla_bytes_per_device"] <= 64e9, (name, figures)
         if figures["pipeline_bubble"]:
             # a pipeline's arithmetic counts what the pipelined scan keeps: XLA agrees
             xla = figures["xla_bytes_per_device"]
