@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxlm import domain
+from jaxlm import trackers as trackers_lib
 from jaxlm.data import blend
 from jaxlm.data.megatron_order import DEFAULT_SPLIT, parse_split
 from jaxlm.domain import (
@@ -253,7 +254,20 @@ class DebugConfig:
 class LogConfig:
     # plain log lines (when not on a terminal) every this many steps
     every: int = setting(10, at_least(1))
+    # where the rows of metrics.jsonl also go: tensorboard, wandb, mlflow (jaxlm/trackers.py);
+    # a YAML list or a comma string, empty for none
+    trackers: tuple[str, ...] = setting(
+        ("tensorboard",),
+        Parsed(
+            trackers_lib.parse,
+            "a list of tensorboard, wandb, mlflow",
+            (("tensorboard", "tensorbored"), ("mlflow", "mlflow")),
+        ),
+    )
+    # false leaves TensorBoard out of log.trackers (the older switch)
     tensorboard: bool = True
+    # MLflow's tracking URI (None: a file store RUN/mlruns), e.g. http://mlflow.example:5000
+    mlflow_uri: str | None = setting(None, NonEmpty())
     energy: bool = True  # sample device power (NVML, rocm-smi, RAPL) where it can be read
     # kg CO2 per kWh of the site's electricity: logs co2_kg
     carbon_intensity: float | None = setting(None, non_negative())
@@ -466,6 +480,14 @@ def _coerce(value: Any, annotation: Any, key: str, source: str, from_text: bool)
         return value
     if annotation is str:
         return blend.to_text(value) if key == "data.source" else str(value)
+    if origin is tuple:  # tuple[str, ...]: a YAML list, or a comma string ("" for none)
+        if from_text and isinstance(value, str) and value.startswith("["):
+            value = yaml.safe_load(value)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise UsageError(f"{key} must be a list of names, not '{value}' ({source})")
     if from_text and isinstance(value, str):
         value = yaml.safe_load(value) if value else value
     if annotation is bool and isinstance(value, bool):

@@ -187,4 +187,6 @@ def _num(x: float) -> str:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, tuple):  # a list setting, as it is written: 'a,b'
+        return f"'{','.join(map(str, value))}'"
     return f"'{value}'" if isinstance(value, str) else str(value)

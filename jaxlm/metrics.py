@@ -1,4 +1,4 @@
-"""Where a run's numbers go: metrics.jsonl, TensorBoard (tensorboardX) and the terminal.
+"""Where a run's numbers go: metrics.jsonl, the trackers (jaxlm/trackers.py) and the terminal.
 
 `metrics.jsonl` gets one JSON object per step (steps count from 1). On a terminal the run shows a
 live progress bar (rich); elsewhere (a Slurm log, a pipe) it prints a plain line every
@@ -14,36 +14,23 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from jaxlm import trackers
+
 log = logging.getLogger("jaxlm")
 
 
-def summary_writer():
-    """tensorboardX's SummaryWriter class, imported only when a run writes TensorBoard events,
-    and without torch: tensorboardX imports torch whenever it is installed, only to accept its
-    tensors, which adds seconds to every start. jaxlm logs Python floats."""
-    if "torch" in sys.modules:  # already paid for
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
-
-
 class MetricsLog:
-    """Appends rows to DIR/metrics.jsonl and scalars to DIR/tensorboard; a no-op without DIR.
+    """Appends rows to DIR/metrics.jsonl and passes them to the trackers (jaxlm/trackers.py);
+    a no-op without DIR.
 
     A run resumed from the checkpoint of step s drops the rows logged after s (the steps that
     are about to run again) and appends; TensorBoard purges its events after s the same way.
+    `open_trackers(resume_step)` opens the trackers once the file is ready.
     """
 
-    def __init__(
-        self, out_dir: pathlib.Path | None, *, resume_step: int = 0, tensorboard: bool = True
-    ):
-        self._file = self._writer = None
+    def __init__(self, out_dir: pathlib.Path | None, *, resume_step: int = 0, open_trackers=None):
+        self._file = None
+        self._trackers: list[trackers.Tracker] = []
         self.kept: list[dict] = []  # the rows of the steps before a resume
         if out_dir is None:
             return
@@ -62,25 +49,21 @@ class MetricsLog:
         tmp.write_text("".join(kept))
         tmp.replace(path)
         self._file = open(path, "a")
-        if tensorboard:
-            self._writer = summary_writer()(
-                str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-            )
+        if open_trackers:
+            self._trackers = open_trackers(resume_step)
 
     def write(self, row: dict, *, prefix: str = "train") -> None:
         if self._file:
             self._file.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
             self._file.flush()
-        if self._writer:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+        for tracker in self._trackers:
+            tracker.write(row, prefix)
 
     def close(self) -> None:
         if self._file:
             self._file.close()
-        if self._writer:
-            self._writer.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 class ProgressReport:

@@ -27,7 +27,7 @@ import pathlib
 
 import jax
 
-from jaxlm import checkpoint, distributed, metrics
+from jaxlm import checkpoint, distributed, metrics, trackers
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm.cost import accounting
@@ -59,6 +59,7 @@ def run(
     to inspect them afterwards.
     """
     check_debug_processes(cfg.debug)
+    trackers.check_installed(log_trackers(cfg.log))
     program = program or build_program(cfg, mesh)  # 1
     check_out_dir(out_dir)  # 2: before the data, which may build the default corpus first
     sources = loader.resolve_source(cfg)
@@ -95,7 +96,15 @@ def run(
         if checkpoints:
             closing.callback(checkpoints.close)
         metrics_log = metrics.MetricsLog(  # 5
-            out_dir if writer else None, resume_step=start, tensorboard=cfg.log.tensorboard
+            out_dir if writer else None,
+            resume_step=start,
+            open_trackers=lambda resume_step: trackers.open_trackers(
+                log_trackers(cfg.log),
+                out_dir,
+                config_lib.to_dict(cfg),
+                resume_step=resume_step,
+                mlflow_uri=cfg.log.mlflow_uri,
+            ),
         )
         closing.callback(metrics_log.close)
         step_accounting = accounting.open_accounting(cfg, program, metrics_log.kept)
@@ -194,6 +203,12 @@ def log_start(cfg, mesh, program: Program) -> None:
             p.microbatches,
             100 * p.bubble,
         )
+
+
+def log_trackers(log_cfg) -> tuple[str, ...]:
+    """`log.trackers`, less TensorBoard where `log.tensorboard=false` (its older switch)."""
+    names = log_cfg.trackers
+    return names if log_cfg.tensorboard else tuple(n for n in names if n != "tensorboard")
 
 
 def check_out_dir(out_dir: pathlib.Path | None) -> None:
