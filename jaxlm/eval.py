@@ -4,6 +4,8 @@
                          [--json FILE] [key=value ...]
     python -m jaxlm.eval --run RUN_DIR --tokens IDS.npy --logits-out OUT.npy [--step N]
                          [--mesh SPEC]
+    python -m jaxlm.eval --run RUN_DIR --harness TASK[,TASK] [--num-fewshot K] [--limit N]
+                         [--harness-include DIR] [--batch-size N] [--mesh SPEC] [--json FILE]
 
 Evaluation: the validation split of a prepared directory (`--data`, default the run's own
 `data.source`), read in order, in the run's batches (`train.global_batch_size` x
@@ -17,10 +19,16 @@ Logits: token ids [B, L] (or [L]) in a .npy file -> float32 logits [B, L, V] in 
 positions 0 .. L-1, computed in float32 whatever the run trained in (override with
 `model.compute_dtype=bfloat16`). The tool for checking a port against another implementation.
 
+Harness: EleutherAI's lm-evaluation-harness tasks on the run (jaxlm/harness.py implements its
+`LM` interface as its Hugging Face backend does), `--harness-include` a folder of one's own task
+YAMLs; prints lm-eval's table, and its results JSON on stdout (also to `--json FILE`). lm-eval
+is optional: `pip install lm-eval`.
+
 `key=value` overrides change the run's config for this evaluation only (e.g.
 `train.global_batch_size=8`); shapes of the model must stay those of the checkpoint.
 """
 
+import importlib.util
 import json
 import logging
 import pathlib
@@ -57,6 +65,19 @@ def parse_args(argv):
         metavar="OUT.npy",
         help="where --tokens' float32 logits [batch, length, vocab] go",
     )
+    p.add_argument(
+        "--harness",
+        metavar="TASKS",
+        help="run lm-evaluation-harness tasks (comma-separated) instead of the loss",
+    )
+    p.add_argument("--num-fewshot", type=cli.in_domain(int, cli.at_least(0)), metavar="K")
+    p.add_argument("--limit", type=cli.COUNT, metavar="N", help="the first N examples per task")
+    p.add_argument(
+        "--harness-include", type=pathlib.Path, metavar="DIR", help="a folder of task YAMLs"
+    )
+    p.add_argument(
+        "--batch-size", type=cli.COUNT, default=8, help="sequences per forward pass (harness)"
+    )
     cli.add_cpu_devices(p)
     p.add_argument(
         "overrides",
@@ -90,6 +111,10 @@ def main(argv=None) -> int:
     def body():
         if (args.tokens is None) != (args.logits_out is None):
             raise UsageError("--tokens and --logits-out go together")
+        if args.harness and args.tokens is not None:
+            raise UsageError("--harness and --tokens are two different evaluations: give one")
+        if args.harness and importlib.util.find_spec("lm_eval") is None:
+            raise UsageError("--harness needs lm-evaluation-harness: pip install lm-eval")
         cli.check_writable(args.json, "--json")
         cli.check_writable(args.logits_out, "--logits-out")
         cli.use_cpu_devices(args.cpu_devices)
@@ -104,6 +129,8 @@ def main(argv=None) -> int:
         if args.data is not None:
             overrides += [f"data.source={args.data}", *same_tokenizer(run)]
         run = runs.with_overrides(run, overrides)
+        if args.harness:
+            return run_harness(run, mesh_lib.make_mesh(args.mesh), args)
         if args.tokens is not None:
             try:
                 tokens = np.load(args.tokens)
@@ -125,6 +152,29 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     return cli.run_command(body)
+
+
+def run_harness(run, mesh, args) -> None:
+    """lm-eval's tasks on the run: its table on stderr, its results JSON on stdout."""
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from jaxlm import harness
+
+    tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
+    results = harness.evaluate(
+        run,
+        mesh,
+        tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=str(args.harness_include) if args.harness_include else None,
+        batch_size=args.batch_size,
+    )
+    print(make_table(results), file=sys.stderr)
+    text = json.dumps(results, indent=2, default=handle_non_serializable)
+    print(text, flush=True)
+    if args.json:
+        args.json.write_text(text + "\n")
 
 
 def table(result: dict) -> str:
