@@ -70,7 +70,12 @@ def parse_args(argv):
         metavar="TASKS",
         help="run lm-evaluation-harness tasks (comma-separated) instead of the loss",
     )
-    p.add_argument("--num-fewshot", type=cli.in_domain(int, cli.at_least(0)), metavar="K")
+    p.add_argument(
+        "--num-fewshot",
+        type=cli.in_domain(int, cli.at_least(0)),
+        metavar="K",
+        help="examples shown before each question (harness; default: each task's own)",
+    )
     p.add_argument("--limit", type=cli.COUNT, metavar="N", help="the first N examples per task")
     p.add_argument(
         "--harness-include", type=pathlib.Path, metavar="DIR", help="a folder of task YAMLs"
