@@ -215,6 +215,14 @@ def test_the_command_writes_lm_evals_results_json(exported, tmp_path):
     assert "acc_norm" in result.stderr  # lm-eval's table
 
 
+def test_the_run_model_implements_every_request_of_lm_evals_interface():
+    pytest.importorskip("lm_eval")
+    from jaxlm import harness
+
+    assert not harness.RunLM.__abstractmethods__
+
+
+@pytest.mark.slow
 def test_an_unknown_task_exits_2_naming_it(exported):
     run_dir, _, tasks = exported
     result = subprocess.run(

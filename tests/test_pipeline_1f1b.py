@@ -72,7 +72,7 @@ ONE_F_ONE_B = [
     # pp, M = S, 2S, 4S; tensor and data parallelism around it; remat=full (only the stage's
     # input kept); packed documents throughout
     ("pp=2", 2, []),
-    ("pp=4", 8, []),
+    pytest.param("pp=4", 8, [], marks=pytest.mark.slow),
     pytest.param("pp=4", 4, [], marks=pytest.mark.slow),
     pytest.param("pp=2", 8, ["model.remat=full"], marks=pytest.mark.slow),
     pytest.param("pp=4", 16, [], marks=pytest.mark.slow),
@@ -135,6 +135,7 @@ def test_1f1b_gives_gpipes_loss_and_gradients_on_the_same_mesh(spec, gpipe, one_
     assert_same_loss_and_gradients(got, want)
 
 
+@pytest.mark.slow
 def test_1f1b_trains_as_the_unpipelined_model_with_accumulation_and_zero1(tiny_cfg):
     """The optimizer step around the schedule is unchanged: two micro batches accumulated,
     ZeRO-1's sharded update, the same losses step by step."""

@@ -25,6 +25,7 @@ def history(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
+@pytest.mark.slow
 @pytest.mark.trackers
 def test_mlflow_file_store_holds_the_loss_history_of_metrics_jsonl(tmp_path):
     mlflow = pytest.importorskip("mlflow")

@@ -36,7 +36,9 @@ def one_device_losses():
         ("tp=4,dp=2", []),
         ("dp=8", ["train.zero1=true"]),
         ("fsdp=-1,tp=2", []),
-        ("cp=4,dp=2", []),  # the batches arrive split along their length too
+        # the batches arrive split along their length too (tests/test_context.py's fast ones
+        # cover the context axis in the fast tier)
+        pytest.param("cp=4,dp=2", [], marks=pytest.mark.slow),
     ],
 )
 def test_every_layout_matches_one_device(tiny_cfg, one_device_losses, spec, extra):
