@@ -43,7 +43,8 @@ The backward slot is written out by hand: a reverse scan over the stage's layers
 stage keeps each layer's input per microbatch in flight, what `remat=full` keeps in GPipe), and
 each layer's weight gradient added in place into one float32 accumulator for the stage. With
 `remat=full` the forward slot keeps only the stage's input and the backward slot recomputes the
-layer inputs first: one more forward of the stage, L / S times less memory per microbatch.
+layer inputs first: one more forward of the layers, and one input kept per wave instead of one
+per layer of its group.
 
 The parameters outside the layers (embedding, final norm, head) are whole on every stage (the
 table splits them over fsdp and tensor, never over pipeline); their gradients are summed where
