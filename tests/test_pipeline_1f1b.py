@@ -92,6 +92,9 @@ ONE_F_ONE_B = [
         for m in (4, 8, 16)
     ],
     pytest.param("pp=2", 4, [], marks=pytest.mark.slow),
+    # context parallelism inside the stages (gathered keys and values), both layouts
+    pytest.param("cp=2,pp=2", 4, [], marks=pytest.mark.slow),
+    pytest.param("cp=2,pp=2", 4, [*INTERLEAVED], marks=pytest.mark.slow),
 ]
 
 
