@@ -18,9 +18,11 @@ checking (`jaxlm.eval` does).
 
 import jax
 import jax.numpy as jnp
+import lm_eval
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
+from lm_eval.tasks import TaskManager
 
 from jaxlm import generation, runs, sharding
 from jaxlm import model as model_lib
@@ -147,9 +149,6 @@ def evaluate(
 ) -> dict:
     """lm-eval's results of `tasks` on the run (its own dict; `log_samples` adds each
     example's requests and scores); `include_path` is a folder of task YAMLs of one's own."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     manager = TaskManager(include_path=include_path)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:

@@ -202,6 +202,12 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in RULES["batch"])
 
 
+def pipeline_schedule(cfg: Config, stages: int) -> str:
+    """The schedule a step with `stages` pipeline stages runs: train.pipeline_schedule under a
+    pipeline, else gpipe (no pipeline: plain autodiff)."""
+    return cfg.train.pipeline_schedule if stages > 1 else "gpipe"
+
+
 def pipeline_geometry(cfg: Config, mesh: Mesh) -> tuple[int, int, int]:
     """(stages, repeats, microbatches) of the pipeline; (1, 1, 1) without one."""
     t, stages, repeats = cfg.train, mesh.shape["pipeline"], cfg.train.pipeline_repeats

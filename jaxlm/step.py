@@ -112,10 +112,7 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
         )
 
     loss_fn = make_loss_fn(spec.graphdef, cfg.train.loss_chunks)
-    if stages.stages > 1 and cfg.train.pipeline_schedule == "1f1b":
-        add_gradients = make_1f1b_gradients(cfg, spec.graphdef, stages, shard)
-    else:
-        add_gradients = make_autodiff_gradients(loss_fn)
+    add_gradients = make_add_gradients(cfg, spec.graphdef, stages, shard, loss_fn)
     step_fn = make_train_step(
         cfg, tx, add_gradients, accumulation, param_shardings, grad_shardings, batch_sharding
     )
@@ -207,6 +204,20 @@ def make_loss_fn(graphdef, chunks: int = 1):
 AddGradients = Callable[[model_lib.Params, Batch, jax.Array, model_lib.Params], tuple]
 
 
+def make_add_gradients(
+    cfg: Config,
+    graphdef,
+    stages: model_lib.PipelineSpec,
+    shard: sharding.ActivationSharding,
+    loss_sums,
+) -> AddGradients:
+    """The step's gradients: by the 1F1B schedule where the pipeline runs it, else by autodiff
+    of `loss_sums`."""
+    if sharding.pipeline_schedule(cfg, stages.stages) == "1f1b":
+        return make_1f1b_gradients(cfg, graphdef, stages, shard)
+    return make_autodiff_gradients(loss_sums)
+
+
 def make_autodiff_gradients(loss_sums) -> AddGradients:
     """Gradients by autodiff of the whole forward pass (a GPipe pipeline's among it)."""
 
@@ -227,8 +238,7 @@ def make_1f1b_gradients(
     def add_gradients(params, batch: Batch, seed, grads):
         batch = dict(batch)
         if "positions" not in batch:
-            rows, length = batch["inputs"].shape
-            batch["positions"] = jnp.broadcast_to(jnp.arange(length), (rows, length))
+            batch["positions"] = model_lib.default_positions(batch["inputs"])
         ce_sum, (rest, layers) = pipeline_1f1b.gradients(
             model_lib.stage_parts(graphdef, params, _token_cross_entropy_without_gather),
             model_lib.without_layers(params),

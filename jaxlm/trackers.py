@@ -37,18 +37,25 @@ PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # tracker -> the module it im
 
 def parse(value) -> tuple[str, ...]:
     """`log.trackers`' domain: known names, each once (a list, or a comma string)."""
-    names = tuple(value)
-    for name in names:
+    given = tuple(value)
+    for name in given:
         if name not in TRACKERS:
             raise UsageError(f"unknown tracker '{name}': choose from {', '.join(TRACKERS)}")
-    if len(set(names)) < len(names):
-        raise UsageError(f"a tracker is named twice in {', '.join(names)}")
-    return names
+    if len(set(given)) < len(given):
+        raise UsageError(f"a tracker is named twice in {', '.join(given)}")
+    return given
 
 
-def check_installed(names: tuple[str, ...]) -> None:
+def names(log_cfg) -> tuple[str, ...]:
+    """The trackers a run's `log` config asks for: `log.trackers`, less TensorBoard where
+    `log.tensorboard=false` (its older switch)."""
+    wanted = log_cfg.trackers
+    return wanted if log_cfg.tensorboard else tuple(n for n in wanted if n != "tensorboard")
+
+
+def check_installed(wanted: tuple[str, ...]) -> None:
     """Refuse, before any compute, a tracker whose package is not installed."""
-    for name in names:
+    for name in wanted:
         package = PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:
             raise UsageError(
@@ -64,12 +71,12 @@ class Tracker(Protocol):
 
 
 def open_trackers(
-    names: tuple[str, ...], out_dir: pathlib.Path, config: dict, *, resume_step: int, mlflow_uri
+    wanted: tuple[str, ...], out_dir: pathlib.Path, config: dict, *, resume_step: int, mlflow_uri
 ) -> list[Tracker]:
-    """The trackers `names` asks for, writing under `out_dir`; `config` is the resolved config
+    """The trackers `wanted` names, writing under `out_dir`; `config` is the resolved config
     as a nested dict."""
     opened: list[Tracker] = []
-    for name in names:
+    for name in wanted:
         if name == "tensorboard":
             opened.append(TensorBoard(out_dir, resume_step))
         elif name == "wandb":

@@ -59,7 +59,7 @@ def run(
     to inspect them afterwards.
     """
     check_debug_processes(cfg.debug)
-    trackers.check_installed(log_trackers(cfg.log))
+    trackers.check_installed(trackers.names(cfg.log))
     program = program or build_program(cfg, mesh)  # 1
     check_out_dir(out_dir)  # 2: before the data, which may build the default corpus first
     sources = loader.resolve_source(cfg)
@@ -99,7 +99,7 @@ def run(
             out_dir if writer else None,
             resume_step=start,
             open_trackers=lambda resume_step: trackers.open_trackers(
-                log_trackers(cfg.log),
+                trackers.names(cfg.log),
                 out_dir,
                 config_lib.to_dict(cfg),
                 resume_step=resume_step,
@@ -203,12 +203,6 @@ def log_start(cfg, mesh, program: Program) -> None:
             p.microbatches,
             100 * p.bubble,
         )
-
-
-def log_trackers(log_cfg) -> tuple[str, ...]:
-    """`log.trackers`, less TensorBoard where `log.tensorboard=false` (its older switch)."""
-    names = log_cfg.trackers
-    return names if log_cfg.tensorboard else tuple(n for n in names if n != "tensorboard")
 
 
 def check_out_dir(out_dir: pathlib.Path | None) -> None:

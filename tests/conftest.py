@@ -32,6 +32,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -108,20 +109,27 @@ def packed_batch(rows: int, length: int, vocab: int) -> dict:
 
 def packed_loss_and_gradients(cfg, mesh, rows: int):
     """The mean token loss of `packed_batch(rows, ...)` and its gradients, from `cfg`'s initial
-    state on `mesh`."""
-    from jaxlm.step import build_program, make_loss_fn
+    state on `mesh`, taken as the train step takes them (autodiff, or the 1F1B schedule)."""
+    from jaxlm import sharding
+    from jaxlm.step import build_program, make_add_gradients, make_loss_fn
 
     program = build_program(cfg, mesh)
     params = program.init(jax.random.key(0)).params
     batch = packed_batch(rows, cfg.train.seq_len, cfg.model.vocab_size)
     placed = jax.device_put(batch, program.batch_sharding)
-    loss_sums = make_loss_fn(program.spec.graphdef)
+    graphdef = program.spec.graphdef
+    add_gradients = make_add_gradients(
+        cfg, graphdef, program.stages, sharding.ActivationSharding(mesh), make_loss_fn(graphdef)
+    )
+    seed = np.float32(1 / batch["weights"].sum())
 
-    def loss(params):
-        total, tokens = loss_sums(params, placed)
-        return total / tokens
+    @jax.jit
+    def mean_loss_and_gradients(params, batch):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        ce_sum, grads = add_gradients(params, batch, seed, zeros)
+        return ce_sum * seed, grads
 
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return mean_loss_and_gradients(params, placed)
 
 
 def assert_same_loss_and_gradients(got, want) -> None:

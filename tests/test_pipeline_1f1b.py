@@ -4,22 +4,21 @@ and as GPipe, the same optimizer steps, and memory bounded by the stages, not th
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_same_loss_and_gradients, packed_batch, tiny_config, train_rows
+from conftest import (
+    assert_same_loss_and_gradients,
+    packed_loss_and_gradients,
+    tiny_config,
+    train_rows,
+)
 from jaxlm import mesh as mesh_lib
-from jaxlm import sharding, training
+from jaxlm import training
 from jaxlm.cost import compiled
 from jaxlm.errors import UsageError
 from jaxlm.model import PipelineSpec, pipeline_1f1b
-from jaxlm.step import (
-    build_program,
-    make_1f1b_gradients,
-    make_autodiff_gradients,
-    make_loss_fn,
-)
+from jaxlm.step import build_program
 
 ROWS = 16
 FOUR_LAYERS = ("model.n_layers=4", f"train.global_batch_size={ROWS}")
@@ -31,29 +30,6 @@ def mesh(spec):
     return mesh_lib.make_mesh(spec, jax.devices()[:n])
 
 
-def loss_and_gradients(cfg, m, schedule_gradients: bool):
-    """(mean token loss, its gradients) of a packed batch from `cfg`'s initial state on `m`,
-    by the 1F1B schedule or by autodiff of the forward pass (GPipe's, on a pipeline)."""
-    program = build_program(cfg, m)
-    params = program.init(jax.random.key(0)).params
-    batch = packed_batch(ROWS, cfg.train.seq_len, cfg.model.vocab_size)
-    placed = jax.device_put(batch, program.batch_sharding)
-    if schedule_gradients:
-        shard = sharding.ActivationSharding(m)
-        add = make_1f1b_gradients(cfg, program.spec.graphdef, program.stages, shard)
-    else:
-        add = make_autodiff_gradients(make_loss_fn(program.spec.graphdef))
-    seed = jnp.float32(1 / batch["weights"].sum())
-
-    @jax.jit
-    def mean_loss_and_gradients(params, batch):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        ce_sum, grads = add(params, batch, seed, zeros)
-        return ce_sum * seed, grads
-
-    return mean_loss_and_gradients(params, placed)
-
-
 @pytest.fixture(scope="module")
 def unpipelined():
     """The unpipelined model's loss and gradients, by its number of layers (computed once)."""
@@ -62,7 +38,7 @@ def unpipelined():
     def of(layers: int):
         if layers not in found:
             cfg = tiny_config(*FOUR_LAYERS, f"model.n_layers={layers}")
-            found[layers] = loss_and_gradients(cfg, mesh("dp=1"), False)
+            found[layers] = packed_loss_and_gradients(cfg, mesh("dp=1"), ROWS)
         return found[layers]
 
     return of
@@ -106,7 +82,7 @@ def test_1f1b_gives_the_unpipelined_loss_and_gradients(unpipelined, spec, microb
         f"train.microbatches={microbatches}",
         *extra,
     )
-    loss, grads = loss_and_gradients(cfg, mesh(spec), True)
+    loss, grads = packed_loss_and_gradients(cfg, mesh(spec), ROWS)
     want = unpipelined(cfg.model.n_layers)
     assert_same_loss_and_gradients((loss, as_one_stack(grads, cfg)), want)
 
@@ -133,8 +109,8 @@ def as_one_stack(grads, cfg):
 )
 def test_1f1b_gives_gpipes_loss_and_gradients_on_the_same_mesh(spec, gpipe, one_f_one_b):
     overrides = (*FOUR_LAYERS, "train.microbatches=4")
-    want = loss_and_gradients(tiny_config(*overrides, *gpipe), mesh(spec), False)
-    got = loss_and_gradients(tiny_config(*overrides, *one_f_one_b), mesh(spec), True)
+    want = packed_loss_and_gradients(tiny_config(*overrides, *gpipe), mesh(spec), ROWS)
+    got = packed_loss_and_gradients(tiny_config(*overrides, *one_f_one_b), mesh(spec), ROWS)
     assert_same_loss_and_gradients(got, want)
 
 

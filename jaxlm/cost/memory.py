@@ -11,6 +11,7 @@ import math
 import jax
 
 from jaxlm.model.context import attention_kind
+from jaxlm.sharding import pipeline_schedule
 
 
 def shard_bytes(shapes, shardings) -> int:
@@ -60,11 +61,11 @@ def pipeline_weight_bytes(cfg, program) -> int:
     if program.stages.stages == 1:
         return 0
     shapes, shardings = program.spec.shapes, program.state_shardings.params
-    layers = shard_bytes(shapes["layers"], shardings["layers"])
-    c = _itemsize(cfg)
-    if cfg.train.pipeline_schedule == "1f1b":
+    if pipeline_schedule(cfg, program.stages.stages) == "1f1b":
         rest = {k: v for k, v in shapes.items() if k != "layers"}
         return shard_bytes(rest, {k: shardings[k] for k in rest})
+    layers = shard_bytes(shapes["layers"], shardings["layers"])
+    c = _itemsize(cfg)
     return layers + (layers * c // 4 if c < 4 else 0)
 
 
@@ -132,7 +133,7 @@ def estimate_activation_bytes(
     # logits in the compute dtype, their float32 softmax and its gradient, for one of the
     # `train.loss_chunks` slices of the rows at a time
     logits = tokens / stages / t.loss_chunks * m.vocab_size / tp * (c + 4 + 4)
-    if stages > 1 and t.pipeline_schedule == "1f1b":
+    if pipeline_schedule(cfg, stages) == "1f1b":
         one = tokens / microbatches  # a microbatch's tokens
         group = layers // repeats  # the layers of one wave
         waves = min(repeats * microbatches, 2 * repeats * stages - 1)  # pipeline_1f1b.in_flight

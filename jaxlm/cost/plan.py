@@ -18,6 +18,7 @@ warnings from the layout rules of thumb (`layout_warnings`).
 
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
+from jaxlm import sharding
 from jaxlm.cost import DEFAULT_MFU, flops, memory
 from jaxlm.cost.compiled import compile_for_accelerator
 from jaxlm.step import build_program
@@ -88,7 +89,7 @@ def make_plan(
     program = build_program(cfg, mesh)
     counts = flops.params_by_component(program.spec.shapes)
     seq = cfg.train.seq_len
-    schedule = cfg.train.pipeline_schedule if program.stages.stages > 1 else None
+    schedule = sharding.pipeline_schedule(cfg, program.stages.stages)
     model_flops = flops.model_flops_per_token(cfg.model, seq, counts)
     n = mesh.devices.size
     per_node = devices_per_node or device.per_node
@@ -108,7 +109,7 @@ def make_plan(
         "params_by_component": counts,
         "flops_per_token": model_flops,
         "hardware_flops_per_token": flops.hardware_flops_per_token(
-            cfg.model, seq, counts, schedule or "gpipe"
+            cfg.model, seq, counts, schedule
         ),
         "bytes_per_device": state,
         "tokens": tokens,
@@ -120,7 +121,7 @@ def make_plan(
         "micro_batch": program.micro_batch,
         "accumulation": program.accumulation,
         "pipeline_bubble": program.stages.bubble if program.stages.stages > 1 else 0.0,
-        "pipeline_schedule": schedule,
+        "pipeline_schedule": schedule if program.stages.stages > 1 else None,
     }
     fits_bytes = state["total"]
     warnings = []

@@ -27,6 +27,7 @@ import time
 
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
+from jaxlm import sharding
 from jaxlm.cost import flops, memory
 from jaxlm.cost.compiled import compile_for_accelerator, compile_step, measured_seconds
 from jaxlm.errors import UsageError
@@ -158,7 +159,7 @@ def groups(cfg, sizes: dict[str, int], device_list) -> list[Group]:
 def arithmetic_seconds(c, program, devices: int, device) -> float:
     """Hardware FLOPs of a step at peak, stretched by the pipeline bubble (for the first cut)."""
     counts = flops.params_by_component(program.spec.shapes)
-    schedule = c.train.pipeline_schedule if program.stages.stages > 1 else "gpipe"
+    schedule = sharding.pipeline_schedule(c, program.stages.stages)
     per_token = flops.hardware_flops_per_token(c.model, c.train.seq_len, counts, schedule)
     seconds = (
         per_token

@@ -17,7 +17,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.model import pipeline_1f1b
 from jaxlm.model.layers import CACHE_AXES, LayerCache
 from jaxlm.model.pipeline import PipelineSpec
-from jaxlm.model.transformer import Transformer, apply_layer
+from jaxlm.model.transformer import Transformer, apply_layer, default_positions
 from jaxlm.sharding import ActivationSharding
 
 Params = dict[str, Any]
@@ -128,6 +128,7 @@ __all__ = [
     "build",
     "cache_shapes",
     "decode",
+    "default_positions",
     "describe",
     "param_count",
     "stage_parts",

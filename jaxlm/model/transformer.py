@@ -137,7 +137,7 @@ class Transformer(nnx.Module):
     def hidden(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
         """The last layer's output [B, L, D], before the head."""
         if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+            positions_BxL = default_positions(tokens_BxL)
         return self.body(self.embed(tokens_BxL, positions_BxL), positions_BxL, segments_BxL)
 
     def body(self, x_BxLxD, positions_BxL, segments_BxL=None):
@@ -267,6 +267,11 @@ class Transformer(nnx.Module):
             )
         x_BxLxD, _ = jax.lax.scan(one_layer, x_BxLxD, stacked)
         return x_BxLxD
+
+
+def default_positions(tokens_BxL):
+    """Each token's position when the rows are one document each: 0 .. L-1."""
+    return jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
 
 
 def apply_layer(graphdef, layer_params, x_BxLxD, shared):
