@@ -203,6 +203,16 @@ class DataConfig:
     # if set, refuse shards that another tokenizer made
     tokenizer: str | None = setting(None, NonEmpty())
     cross_document_attention: bool = False  # false: packed documents do not see each other
+    # "text": documents as they are, every token trained; "chat": JSONL rows of {"messages":
+    # [{"role", "content"}, ...]} rendered by a chat template, only the assistant's tokens
+    # trained (jaxlm/data/chat.py). Prepared directories carry their own format.
+    format: Literal["text", "chat"] = "text"
+    # the chat template: a Jinja file, or a Hugging Face tokenizer_config.json holding one
+    # (None: that of checkpoint.init_from's run where it has one, else the built-in template)
+    chat_template: str | None = setting(None, NonEmpty())
+    # "packed": documents streamed into windows (one may continue in the next window);
+    # "padded": one document per window, cut at seq_len + 1 tokens, the rest untrained padding
+    packing: Literal["packed", "padded"] = "packed"
     threads: int = setting(1, at_least(0))  # grain reader threads (0: read in the training thread)
     prefetch: int = setting(4, at_least(1))  # batches read ahead
     verify: bool = True  # check every shard's CRC-32 when training starts
@@ -377,6 +387,13 @@ def validate(cfg: Config) -> Config:
             f"model.rope_scaling.high_freq_factor={scaling.high_freq_factor:g} must be larger "
             f"than model.rope_scaling.low_freq_factor={scaling.low_freq_factor:g}"
         )
+    d = cfg.data
+    if d.packing == "padded" and d.order == "megatron":
+        raise UsageError(
+            "data.packing=padded needs data.order=jaxlm: Megatron's samples are packed windows"
+        )
+    if d.chat_template and d.format != "chat":
+        raise UsageError("data.chat_template is set but data.format is not chat")
     if t.seq_len > m.max_seq_len:  # rotary positions too: beyond it the model never trained
         raise UsageError(
             f"train.seq_len={t.seq_len} is longer than the model's context "

@@ -79,7 +79,7 @@ def run(
 
     state, start = initial_state(cfg, program, batches, restore if checkpoints else None)
     if out_dir and writer:  # only now: a refused restore must leave the run's config as it was
-        write_config(out_dir, cfg)
+        write_config(out_dir, cfg, loader.chat_template(sources))
 
     rows = []
     with contextlib.ExitStack() as closing:  # 7, in the reverse order of opening
@@ -235,8 +235,12 @@ def prepare_out_dir(out_dir: pathlib.Path | None):
     return out_dir
 
 
-def write_config(out_dir: pathlib.Path, cfg) -> None:
-    """The resolved config.yaml, written whole or not at all (a kill leaves the old one)."""
-    tmp = out_dir / "config.yaml.tmp"
-    tmp.write_text(config_lib.dump(cfg))
-    tmp.replace(out_dir / "config.yaml")
+def write_config(out_dir: pathlib.Path, cfg, chat_template: str | None = None) -> None:
+    """The resolved config.yaml, written whole or not at all (a kill leaves the old one); and
+    the chat template of chat data (RUN/chat_template.jinja), which export gives the model."""
+    files = {"config.yaml": config_lib.dump(cfg), "chat_template.jinja": chat_template}
+    for name, text in files.items():
+        if text is not None:
+            tmp = out_dir / f"{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(out_dir / name)

@@ -5,7 +5,8 @@
                                      model.safetensors.index.json when they exceed one shard)
     HF/generation_config.json        BOS and EOS ids              (with a tokenizer)
     HF/tokenizer.model               the run's SentencePiece model (with a tokenizer)
-    HF/tokenizer_config.json         LlamaTokenizer settings that encode as SentencePiece does
+    HF/tokenizer_config.json         LlamaTokenizer settings that encode as SentencePiece does,
+                                     and the chat template of a run trained on conversations
 
 Memory: the parameters are restored onto the mesh's devices (split by `--mesh`, default fsdp
 over all of them); then one stacked parameter at a time (three for GPT-2's fused q, k, v) is
@@ -167,26 +168,25 @@ def _write_tokenizer(
     piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
     kept = run.directory / "tokenizer_config.json"  # a model converted from Hugging Face
     if kept.is_file():
-        shutil.copyfile(kept, out / "tokenizer_config.json")
+        settings = json.loads(kept.read_text())
     else:
-        (out / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "LlamaTokenizer",
-                    # Metaspace prepending "▁" once, as SentencePiece's dummy prefix
-                    "legacy": False,
-                    "add_prefix_space": True,
-                    "add_bos_token": False,
-                    "add_eos_token": False,
-                    "clean_up_tokenization_spaces": False,  # code: decode must give the text back
-                    "bos_token": piece(sp.bos_id()),
-                    "eos_token": piece(sp.eos_id()),
-                    "unk_token": piece(sp.unk_id()),
-                    "pad_token": piece(sp.pad_id()),
-                    "model_max_length": context,
-                },
-                indent=2,
-            )
-        )
+        settings = {
+            "tokenizer_class": "LlamaTokenizer",
+            # Metaspace prepending "▁" once, as SentencePiece's dummy prefix
+            "legacy": False,
+            "add_prefix_space": True,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # code: decode must give the text back
+            "bos_token": piece(sp.bos_id()),
+            "eos_token": piece(sp.eos_id()),
+            "unk_token": piece(sp.unk_id()),
+            "pad_token": piece(sp.pad_id()),
+            "model_max_length": context,
+        }
+    template = run.directory / "chat_template.jinja"  # a run fine-tuned on conversations
+    if template.is_file():
+        settings["chat_template"] = template.read_text()
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     ids = (sp.bos_id(), sp.eos_id())
     return tuple(i if i >= 0 else None for i in ids)

@@ -3,13 +3,17 @@
     python -m jaxlm.data tokenizer --input PATH... --vocab-size N --out FILE.model
     python -m jaxlm.data prepare --input PATH... --tokenizer FILE.model --out DIR [--val-fraction F]
     python -m jaxlm.data prepare --format megatron --input PATH... --tokenizer FILE --out PREFIX
+    python -m jaxlm.data prepare --format chat --input CHATS.jsonl --tokenizer FILE --out DIR
+        [--chat-template FILE]
     python -m jaxlm.data inspect SOURCE
     python -m jaxlm.data samples --source SOURCE --seq-len L --seed S --count N [--order megatron]
         [--split STR] --out FILE.npy
 
 Inputs are text files (one document each), directories (read recursively), globs, or JSONL files
 (one document per line; --jsonl-field names the text field). Train on the result with
-`python -m jaxlm.train data.source=DIR` (or `data.source=megatron:PREFIX`). `samples` writes the
+`python -m jaxlm.train data.source=DIR` (or `data.source=megatron:PREFIX`; chat data with
+`data.format=chat`: JSONL rows of {"messages": [{"role", "content"}, ...]}, rendered by a chat
+template, only the assistant's tokens trained, jaxlm/data/chat.py). `samples` writes the
 first N training samples, int32 [N, L + 1], as training would cut them, without JAX.
 """
 
@@ -23,7 +27,7 @@ import numpy as np
 from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm.config import DataConfig
-from jaxlm.data import corpus, orders, prepare, sources, tokenizer
+from jaxlm.data import chat, corpus, orders, prepare, sources, tokenizer
 from jaxlm.domain import fraction
 from jaxlm.errors import UsageError
 
@@ -42,7 +46,11 @@ def parse_args(argv):
             metavar="PATH",
             help="text files, directories, globs or .jsonl files",
         )
-        sub.add_argument("--jsonl-field", default="text", help="the text field of JSONL records")
+        sub.add_argument(
+            "--jsonl-field",
+            default=None,
+            help="the field of JSONL records (default: text; messages with --format chat)",
+        )
 
     tok = commands.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer")
     inputs(tok)
@@ -92,10 +100,17 @@ def parse_args(argv):
     prep.add_argument("--workers", type=cli.COUNT, help="tokenizing processes (default: all cores)")
     prep.add_argument(
         "--format",
-        choices=("jaxlm", "megatron"),
+        choices=("jaxlm", "megatron", "chat"),
         default="jaxlm",
         help="jaxlm: shards in DIR with a validation split; megatron: Megatron-LM's PREFIX.bin "
-        "and PREFIX.idx (split at training time by data.split)",
+        "and PREFIX.idx (split at training time by data.split); chat: conversations rendered by "
+        "a chat template, shards as jaxlm's with the untrained tokens marked (data.format=chat)",
+    )
+    prep.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="with --format chat: a Jinja template, or a Hugging Face tokenizer_config.json "
+        "holding one (default: the built-in template, jaxlm/data/chat.py)",
     )
 
     look = commands.add_parser("inspect", help="documents, tokens, dtype and tokenizer of a source")
@@ -164,7 +179,11 @@ def main(argv=None) -> int:
             return
         megatron = args.command == "prepare" and args.format == "megatron"
         cli.check_writable(args.out, "--out", directory=args.command == "prepare" and not megatron)
-        inputs = corpus.resolve_inputs(args.input, args.jsonl_field)
+        chat_data = args.command == "prepare" and args.format == "chat"
+        if args.command == "prepare" and args.chat_template and not chat_data:
+            raise UsageError("--chat-template needs --format chat")
+        field = args.jsonl_field or ("messages" if chat_data else "text")
+        inputs = corpus.resolve_inputs(args.input, field)
         if megatron:
             prepare.prepare_megatron(inputs, args.tokenizer, args.out, workers=args.workers)
         elif args.command == "tokenizer":
@@ -180,6 +199,7 @@ def main(argv=None) -> int:
                 val_fraction=args.val_fraction,
                 shard_tokens=args.shard_tokens,
                 workers=args.workers,
+                chat_template=chat.load_template(args.chat_template) if chat_data else None,
             )
 
     return cli.run_command(body)

@@ -122,5 +122,6 @@ def _jsonl_documents(path: pathlib.Path, field: str) -> Iterator[tuple[Document,
                 raise UsageError(f"{path}:{number} is not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or field not in record:
                 raise UsageError(f"{path}:{number} has no field '{field}' (see --jsonl-field)")
-            text = str(record[field])
+            value = record[field]  # a string, or structured data (chat messages) kept as JSON
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
             yield (Document(line_doc.key, text, line_doc.replaced) if text else None), len(line)

@@ -47,7 +47,12 @@ class Batches(Protocol):
 def resolve_source(cfg: Config) -> list[Source] | None:
     """The sources the config trains on (None for synthetic), checked against the model
     (jaxlm/data/sources.py)."""
-    return sources_lib.resolve(cfg.data, cfg.model.vocab_size)
+    return sources_lib.resolve(cfg.data, cfg.model.vocab_size, init_from=cfg.checkpoint.init_from)
+
+
+def chat_template(sources) -> str | None:
+    """The chat template that rendered the sources' conversations (None: text data)."""
+    return sources_lib.chat_template(sources)
 
 
 def make_batches(

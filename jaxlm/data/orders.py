@@ -2,6 +2,7 @@
 
     PackedOrder     jaxlm's (data.order=jaxlm): each epoch a seeded permutation of the
                     documents, packed as one stream into windows that do not overlap
+    PaddedOrder     data.packing=padded: the same permutation, one document per window
     GPTOrder        Megatron-LM's (data.order=megatron): jaxlm/data/megatron_order.py
     BlendedOrder    several sources' orders in the proportion of their weights (blend.py)
 
@@ -54,11 +55,7 @@ class PackedOrder:
     def _epoch(self, epoch: int):
         """Document order of an epoch and the cumulative end of each document in its stream."""
         n = len(self.split)
-        order = (
-            np.random.default_rng([self.seed, epoch]).permutation(n)
-            if self.shuffle
-            else np.arange(n)
-        )
+        order = _permutation(self.seed, epoch, n) if self.shuffle else np.arange(n)
         return order, np.cumsum(self.split.doc_length[order])
 
     def window(self, index: int) -> list[np.ndarray]:
@@ -67,6 +64,32 @@ class PackedOrder:
         order, ends = self._epoch(epoch)
         start = window * self.window_len
         return read_stream(self.split, order, ends, start, start + self.window_len)
+
+
+class PaddedOrder:
+    """One document per window, cut at seq_len + 1 tokens (the pipeline pads the rest): for
+    fine-tuning, where an example should be seen whole and alone. The documents are shuffled
+    anew each epoch, as in PackedOrder."""
+
+    def __init__(self, split: Documents, *, seq_len: int, seed: int, shuffle: bool = True):
+        self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
+        self.one_pass = len(split)
+
+    def __len__(self) -> int:
+        return self.one_pass * (_EPOCHS if self.shuffle else 1)
+
+    def window(self, index: int) -> list[np.ndarray]:
+        epoch, position = divmod(index, self.one_pass)
+        document = position
+        if self.shuffle:
+            document = _permutation(self.seed, epoch, self.one_pass)[position]
+        length = min(int(self.split.doc_length[document]), self.seq_len + 1)
+        return [self.split.read(document, 0, length)]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 class BlendedOrder:
@@ -125,6 +148,8 @@ def make_order(
                 build_here=process_index == 0,
                 wait=wait,
             )
+        if data.packing == "padded":
+            return PaddedOrder(documents, seq_len=seq_len, seed=seed, shuffle=train)
         return PackedOrder(documents, seq_len=seq_len, seed=seed, shuffle=train)
 
     if len(sources) == 1:

@@ -20,7 +20,9 @@ processes.
 
 Each window carries segment ids (1, 2, ... for the pieces of documents in it) and positions
 (restarting at 0 in each piece), so with `data.cross_document_attention=false` a token attends
-only to earlier tokens of its own document.
+only to earlier tokens of its own document. Its loss weights are 1, except for targets that
+carry prepare.UNTRAINED_BIT (chat data outside the assistant's answers) and for the padding of a
+window shorter than seq_len + 1 (data.packing=padded), which are 0; padding has segment id 0.
 """
 
 import time
@@ -31,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxlm.data.orders import BlendedOrder
+from jaxlm.data.prepare import UNTRAINED_BIT
 from jaxlm.errors import UsageError
 
 
@@ -68,12 +71,13 @@ class PackedBatches:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         first_window = index * self.global_batch + self.first_row
-        rows = [_row(self.order.window(first_window + r)) for r in range(self.rows)]
-        tokens, segments, positions = (np.stack(x) for x in zip(*rows, strict=True))
+        window_len = self.order.seq_len + 1
+        rows = [_row(self.order.window(first_window + r), window_len) for r in range(self.rows)]
+        tokens, trained, segments, positions = (np.stack(x) for x in zip(*rows, strict=True))
         batch = {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
-            "weights": np.ones(tokens[:, 1:].shape, np.float32),
+            "weights": trained[:, 1:].astype(np.float32),
         }
         if self.segments:
             batch["segments"], batch["positions"] = segments[:, :-1], positions[:, :-1]
@@ -87,13 +91,17 @@ class PackedBatches:
         return {name: count * self.order.seq_len for name, count in taken.items()}
 
 
-def _row(pieces: list[np.ndarray]):
-    """Tokens, segment ids (1, 2, ... per piece) and positions (from 0 in each piece)."""
+def _row(pieces: list[np.ndarray], window_len: int):
+    """Tokens, whether each is trained as a target, segment ids (1, 2, ... per piece; 0 for
+    padding) and positions (from 0 in each piece), padded to `window_len`."""
     lengths = [len(p) for p in pieces]
-    tokens = np.concatenate(pieces).astype(np.int32, copy=False)
+    raw = np.concatenate(pieces).astype(np.int64)
+    padding = window_len - len(raw)
+    tokens = np.pad(raw & ~UNTRAINED_BIT, (0, padding)).astype(np.int32)
+    trained = np.pad((raw & UNTRAINED_BIT) == 0, (0, padding))
     segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
     positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
-    return tokens, segments, positions
+    return tokens, trained, np.pad(segments, (0, padding)), np.pad(positions, (0, padding))
 
 
 class GlobalBatches:

@@ -2,6 +2,7 @@
 
     DIR/manifest.json         written last: the directory is complete
     DIR/tokenizer.model       the tokenizer that made the shards
+    DIR/chat_template.jinja   the chat template that rendered them (chat data only)
     DIR/train-00000.bin       token ids, uint16 when the vocabulary fits, else uint32
     DIR/train-00000.docs.npy  int64 offsets of the documents in the shard (n_docs + 1 of them)
     DIR/train-00000.json      the shard's commit marker: counts, document range, CRC-32
@@ -12,6 +13,10 @@ corpora larger than memory work. A shard closes at the first document boundary a
 `shard_tokens` tokens; documents never straddle shards. Every `val_period`-th document goes to
 the validation split. Each shard is written under a temporary name and committed by its JSON
 marker, so an interrupted run resumes after the last committed shard of each split.
+
+Chat data (`chat_template` given; jaxlm/data/chat.py): each JSONL row's `messages` is one
+document, rendered by the template and tokenized whole; tokens outside the assistant's answers
+carry UNTRAINED_BIT (so chat shards are uint32), and no EOS is appended: the template ends turns.
 """
 
 import hashlib
@@ -28,7 +33,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxlm.data import indexed
+from jaxlm.data import chat, indexed
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.corpus import Document, Inputs
 from jaxlm.errors import UsageError
@@ -39,10 +44,12 @@ FORMAT = 1
 SHARD_TOKENS = 1 << 24  # 32 MiB of uint16 per shard
 SPLITS = ("train", "val")
 _BATCH_DOCUMENTS = 256  # documents in flight at once: bounds memory however large the corpus
+# set on a token that is not a training target (chat data outside the assistant's answers)
+UNTRAINED_BIT = 1 << 31
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+def token_dtype(vocab_size: int, *, chat: bool = False) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 and not chat else np.uint32)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -57,8 +64,10 @@ def prepare(
     val_fraction: float = 0.01,
     shard_tokens: int = SHARD_TOKENS,
     workers: int | None = None,
+    chat_template: str | None = None,
 ) -> dict:
-    """Tokenize `inputs` into shards under `out`; resume or return at once if already done."""
+    """Tokenize `inputs` into shards under `out`; resume or return at once if already done.
+    With `chat_template` (the template's text) the inputs are conversations."""
     if not 0 <= val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), not {val_fraction}")
     sp = tokenizer_lib.load(tokenizer_path)
@@ -67,9 +76,10 @@ def prepare(
         "tokenizer_sha256": tokenizer_lib.fingerprint(tokenizer_path),
         "vocab_size": sp.vocab_size(),
         "eos_id": sp.eos_id(),
-        "dtype": token_dtype(sp.vocab_size()).name,
+        "dtype": token_dtype(sp.vocab_size(), chat=chat_template is not None).name,
         "val_period": round(1 / val_fraction) if val_fraction else 0,
         "inputs_sha256": _inputs_fingerprint(inputs),
+        "chat_template_sha256": chat.fingerprint(chat_template) if chat_template else None,
     }
     out = pathlib.Path(out)
     try:
@@ -85,9 +95,12 @@ def prepare(
     writers = {split: _ShardWriter(out, split, settings, shard_tokens) for split in SPLITS}
     if not (out / "tokenizer.model").exists():
         shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    if chat_template:
+        _write_atomic(out / "chat_template.jinja", chat_template)
 
     started = time.perf_counter()
-    with _Progress(inputs.total_bytes) as progress, _Encoder(tokenizer_path, workers) as encode:
+    encoder = _Encoder(tokenizer_path, workers, chat_template)
+    with _Progress(inputs.total_bytes) as progress, encoder as encode:
         pending: list[tuple[int, str, Document]] = []
 
         def encode_pending():
@@ -103,6 +116,8 @@ def prepare(
             split = "val" if period and index % period == period - 1 else "train"
             if index < writers[split].done_until:
                 continue  # committed by an earlier run
+            if chat_template:  # refuse a malformed row here, where its file and line are known
+                chat.check_messages(document.text, document.key)
             pending.append((index, split, document))
             if len(pending) >= _BATCH_DOCUMENTS:
                 encode_pending()
@@ -147,7 +162,7 @@ def _check_same_settings(out: pathlib.Path, found: dict, wanted: dict) -> None:
             f"{out} holds shards made with tokenizer {found.get('tokenizer_sha256', '?')[:12]}, "
             f"not with the given tokenizer {wanted['tokenizer_sha256'][:12]}: use another --out"
         )
-    for key in ("inputs_sha256", "val_period", "format"):
+    for key in ("inputs_sha256", "val_period", "format", "chat_template_sha256"):
         if found.get(key) != wanted[key]:
             raise UsageError(
                 f"{out} was prepared from other inputs or settings ({key} differs): "
@@ -212,7 +227,13 @@ class _ShardWriter:
         info = {
             **{
                 k: self.settings[k]
-                for k in ("format", "tokenizer_sha256", "inputs_sha256", "val_period")
+                for k in (
+                    "format",
+                    "tokenizer_sha256",
+                    "inputs_sha256",
+                    "val_period",
+                    "chat_template_sha256",
+                )
             },
             "name": name,
             "tokens": int(len(tokens)),
@@ -232,10 +253,11 @@ class _ShardWriter:
 
 
 class _Encoder:
-    """Encodes batches of texts to EOS-terminated id arrays, on all cores when there are several."""
+    """Encodes batches of texts to EOS-terminated id arrays (or conversations, JSON, to flagged
+    ids), on all cores when there are several."""
 
-    def __init__(self, tokenizer_path: pathlib.Path, workers: int | None):
-        self.path = str(tokenizer_path)
+    def __init__(self, tokenizer_path: pathlib.Path, workers: int | None, chat_template=None):
+        self.args = (str(tokenizer_path), chat_template)
         self.workers = workers or os.cpu_count() or 1
         self._pool = None
 
@@ -243,9 +265,9 @@ class _Encoder:
         if self.workers > 1:
             # spawn, not fork: the caller may be a process that already runs JAX's threads
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_load_worker, initargs=(self.path,))
+            self._pool = ctx.Pool(self.workers, initializer=_load_worker, initargs=self.args)
         else:
-            _load_worker(self.path)
+            _load_worker(*self.args)
         return self
 
     def __call__(self, texts: list[str]) -> Iterator[np.ndarray]:
@@ -259,14 +281,19 @@ class _Encoder:
 
 
 _worker_tokenizer = None
+_worker_chat = None
 
 
-def _load_worker(path: str) -> None:
-    global _worker_tokenizer  # one tokenizer per worker process, loaded once
+def _load_worker(path: str, chat_template: str | None = None) -> None:
+    global _worker_tokenizer, _worker_chat  # one tokenizer per worker process, loaded once
     _worker_tokenizer = tokenizer_lib.load(pathlib.Path(path))
+    _worker_chat = chat.ChatEncoder(pathlib.Path(path), chat_template) if chat_template else None
 
 
 def _encode(text: str) -> np.ndarray:
+    if _worker_chat is not None:
+        ids, trained = _worker_chat.encode(json.loads(text))
+        return ids.astype(np.uint32) | np.where(trained, 0, UNTRAINED_BIT).astype(np.uint32)
     ids = _worker_tokenizer.encode(text)
     ids.append(_worker_tokenizer.eos_id())
     return np.asarray(ids, dtype=np.uint32)

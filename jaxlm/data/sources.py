@@ -6,12 +6,19 @@ the model, before any compute; and one split of a source as documents.
                             and val splits)
     megatron:PREFIX         Megatron-LM's PREFIX.bin + PREFIX.idx (also a bare PREFIX whose
                             .idx exists); its sequences are split by `data.split`
+    FILE.jsonl              conversations (data.format=chat), prepared on first use into a
+                            cache directory beside the file (or in data.cache_dir), with
+                            data.tokenizer (default: the default corpus's) and the chat template
+
+A prepared directory says what it holds: text, or chat data with the template that rendered it;
+`data.format` must match every source of the blend.
 
 No JAX here.
 """
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +26,17 @@ import pathlib
 
 import numpy as np
 
-from jaxlm.data import blend, indexed, megatron_order, shards, stdlib, tokenizer
+from jaxlm.data import (
+    blend,
+    chat,
+    corpus,
+    indexed,
+    megatron_order,
+    prepare,
+    shards,
+    stdlib,
+    tokenizer,
+)
 from jaxlm.errors import UsageError
 
 log = logging.getLogger("jaxlm")
@@ -35,16 +52,27 @@ class Source:
     weight: float
 
 
-def resolve(data, vocab_size: int | None) -> list[Source] | None:
+def resolve(data, vocab_size: int | None, *, init_from: str | None = None) -> list[Source] | None:
     """The sources `data.source` names (None for synthetic), each checked: it exists and is
-    intact, its vocabulary fits `vocab_size` (the model's; None: not checked), and its tokenizer
-    is `data.tokenizer` if that is set."""
+    intact, its vocabulary fits `vocab_size` (the model's; None: not checked), its tokenizer
+    is `data.tokenizer` if that is set, and it holds what `data.format` says. Conversations in
+    JSONL are prepared first (with the chat template of `data.chat_template`, else that of the
+    run `init_from` where it has one, else the built-in one)."""
     components = blend.parse(data.source)
     if [c.source for c in components] == ["synthetic"]:
+        if data.format == "chat":
+            raise UsageError("data.format=chat needs conversations, not synthetic batches")
         return None
     found = []
     for c in components:
         kind, path = _locate(c.source, vocab_size)
+        if kind == "jsonl":
+            if data.format != "chat":
+                raise UsageError(
+                    f"data.source '{path}' is a JSONL file: conversations need data.format=chat; "
+                    f"text is prepared first with python -m jaxlm.data prepare"
+                )
+            kind, path = "prepared", _prepare_chat(path, data, vocab_size, init_from)
         found.append((kind, path, c.weight))
     names = _names([path for _, path, _ in found])
     sources = [Source(n, k, p, w) for n, (k, p, w) in zip(names, found, strict=True)]
@@ -59,6 +87,8 @@ def _locate(text: str, vocab_size: int | None) -> tuple[str, pathlib.Path]:
     if text.startswith(blend.MEGATRON):
         return "megatron", pathlib.Path(text[len(blend.MEGATRON) :])
     path = pathlib.Path(text)
+    if path.suffix == ".jsonl" and path.is_file():
+        return "jsonl", path
     # Megatron keeps its index cache in a directory named like the prefix (PREFIX/cache/), so
     # a directory is a prepared one only if it has a manifest or there is no PREFIX.idx
     if (path / "manifest.json").is_file():
@@ -82,6 +112,12 @@ def _names(paths: list[pathlib.Path]) -> list[str]:
 def _check(source: Source, data, vocab: int | None) -> None:
     if source.kind == "prepared":
         manifest = shards.read_manifest(source.path)
+        holds = "chat" if manifest.get("chat_template_sha256") else "text"
+        if holds != data.format:
+            raise UsageError(
+                f"{source.path} holds {holds} data but data.format={data.format}: set "
+                f"data.format={holds}, or prepare it with --format {data.format}"
+            )
         if vocab is not None and manifest["vocab_size"] > vocab:
             raise UsageError(
                 f"{source.path} was tokenized with a vocabulary of {manifest['vocab_size']}, "
@@ -96,6 +132,11 @@ def _check(source: Source, data, vocab: int | None) -> None:
                     f"not with data.tokenizer={data.tokenizer} ({wanted[:12]})"
                 )
         return
+    if data.format == "chat":
+        raise UsageError(
+            f"the Megatron dataset {source.path} holds no loss masks: data.format=chat needs "
+            f"conversations (a JSONL file, or a directory from prepare --format chat)"
+        )
     dataset = indexed.IndexedDataset(source.path)  # refuses missing files and bad headers
     if vocab is None:
         return
@@ -105,6 +146,56 @@ def _check(source: Source, data, vocab: int | None) -> None:
             f"the Megatron dataset {source.path} holds token id {largest}, outside the model's "
             f"vocabulary (model.vocab_size={vocab})"
         )
+
+
+def _prepare_chat(path: pathlib.Path, data, vocab: int | None, init_from) -> pathlib.Path:
+    """The prepared directory of a JSONL file of conversations, made on first use (under a
+    lock, so one process of a job prepares while the others wait). Its name holds the file's
+    size and time, the tokenizer and the template: a change to any of them prepares anew."""
+    if data.tokenizer:
+        model = pathlib.Path(data.tokenizer)
+    elif vocab is not None:
+        model = stdlib.dataset(vocab) / "tokenizer.model"
+    else:
+        raise UsageError(f"name the tokenizer for {path} with data.tokenizer")
+    tokenizer.load(model)  # refuses a missing or invalid file
+    template = chat.template_for(data.chat_template, init_from)
+    stat = path.stat()
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                str(path.resolve()),
+                str(stat.st_size),
+                str(stat.st_mtime_ns),
+                tokenizer.fingerprint(model),
+                chat.fingerprint(template),
+            ]
+        ).encode()
+    ).hexdigest()
+    home = pathlib.Path(data.cache_dir) if data.cache_dir else path.parent / "cache"
+    out = home / f"{path.stem}-chat-{key[:16]}"
+    if not (out / "manifest.json").is_file():
+        with stdlib.locked(home / f"{out.name}.lock"):
+            if not (out / "manifest.json").is_file():
+                log.info("preparing the conversations of %s into %s", path, out)
+                inputs = corpus.resolve_inputs([str(path)], "messages")
+                prepare.prepare(inputs, model, out, chat_template=template)
+    return out
+
+
+def chat_template(sources: list[Source] | None) -> str | None:
+    """The chat template that rendered the sources (chat data), or None (text)."""
+    templates = {
+        (s.path / "chat_template.jinja").read_text()
+        for s in sources or []
+        if s.kind == "prepared" and (s.path / "chat_template.jinja").is_file()
+    }
+    if len(templates) > 1:
+        raise UsageError(
+            "the sources of data.source were rendered by different chat templates: prepare "
+            "them with one"
+        )
+    return templates.pop() if templates else None
 
 
 def cache_dir(source: Source, data) -> pathlib.Path:
@@ -193,6 +284,7 @@ def describe(data) -> list[dict]:
                 "documents": sum(manifest["documents"].values()),
                 "tokens": sum(manifest["tokens"].values()),
                 "dtype": manifest["dtype"],
+                "format": "chat" if manifest.get("chat_template_sha256") else "text",
                 "vocab_size": manifest["vocab_size"],
                 "tokenizer_sha256": manifest["tokenizer_sha256"],
                 "splits": {

@@ -32,7 +32,7 @@ def dataset(vocab_size: int) -> pathlib.Path:
         return target
     # The lock lets one process build while the others wait (on one machine, or on a shared
     # file system that honours flock, as Lustre and GPFS do when mounted with it).
-    with _locked(cache_dir() / f"{name}.lock"):
+    with locked(cache_dir() / f"{name}.lock"):
         if not (target / "manifest.json").exists():  # another process may have built it
             log.info(
                 "building the default corpus (Python %s standard library, vocabulary %d) "
@@ -48,7 +48,7 @@ def dataset(vocab_size: int) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _locked(path: pathlib.Path):
+def locked(path: pathlib.Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
