@@ -179,7 +179,9 @@ def _prepare_chat(path: pathlib.Path, data, vocab: int | None, init_from) -> pat
             if not (out / "manifest.json").is_file():
                 log.info("preparing the conversations of %s into %s", path, out)
                 inputs = corpus.resolve_inputs([str(path)], "messages")
-                prepare.prepare(inputs, model, out, chat_template=template)
+                # in this process: fine-tuning sets are small, and a pool of spawned workers
+                # would re-run the caller's script where it has no `if __name__` guard
+                prepare.prepare(inputs, model, out, chat_template=template, workers=1)
     return out
 
 
