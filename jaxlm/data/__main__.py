@@ -140,7 +140,8 @@ def parse_args(argv):
         type=pathlib.Path,
         required=True,
         metavar="FILE.npy",
-        help="int32 [count, seq_len + 1]: each sample's inputs and, shifted by one, its targets",
+        help="int32 [count, seq_len + 1]: each sample's inputs and, shifted by one, its targets "
+        "(chat data: the ids of untrained tokens have bit 31 set, as stored)",
     )
     return p.parse_args(argv)
 
