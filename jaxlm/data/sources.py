@@ -112,7 +112,7 @@ def _names(paths: list[pathlib.Path]) -> list[str]:
 def _check(source: Source, data, vocab: int | None) -> None:
     if source.kind == "prepared":
         manifest = shards.read_manifest(source.path)
-        holds = "chat" if manifest.get("chat_template_sha256") else "text"
+        holds = format_of(manifest)
         if holds != data.format:
             raise UsageError(
                 f"{source.path} holds {holds} data but data.format={data.format}: set "
@@ -146,6 +146,11 @@ def _check(source: Source, data, vocab: int | None) -> None:
             f"the Megatron dataset {source.path} holds token id {largest}, outside the model's "
             f"vocabulary (model.vocab_size={vocab})"
         )
+
+
+def format_of(manifest: dict) -> str:
+    """What a prepared directory holds: "chat" (rendered by a chat template) or "text"."""
+    return "chat" if manifest.get("chat_template_sha256") else "text"
 
 
 def _prepare_chat(path: pathlib.Path, data, vocab: int | None, init_from) -> pathlib.Path:
@@ -286,7 +291,7 @@ def describe(data) -> list[dict]:
                 "documents": sum(manifest["documents"].values()),
                 "tokens": sum(manifest["tokens"].values()),
                 "dtype": manifest["dtype"],
-                "format": "chat" if manifest.get("chat_template_sha256") else "text",
+                "format": format_of(manifest),
                 "vocab_size": manifest["vocab_size"],
                 "tokenizer_sha256": manifest["tokenizer_sha256"],
                 "splits": {
