@@ -187,6 +187,16 @@ def test_prepare_cli_writes_chat_shards_and_the_template(corpus_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = shards.read_manifest(tmp_path / "out")
     assert manifest["dtype"] == "uint32" and manifest["documents"]["train"] > 1500
+    # the tools that only look at a source take chat data as they take text
+    look = data_cli("inspect", str(tmp_path / "out"))
+    assert look.returncode == 0, look.stderr
+    assert json.loads(look.stdout)["format"] == "chat"
+    first = data_cli(
+        "samples", "--source", str(tmp_path / "out"), "--seq-len", "16", "--count", "4",
+        "--out", str(tmp_path / "first.npy"),
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert np.load(tmp_path / "first.npy").shape == (4, 17)
     assert manifest["chat_template_sha256"] == chat.fingerprint((tmp_path / "t.jinja").read_text())
     assert (tmp_path / "out" / "chat_template.jinja").read_text() == (
         tmp_path / "t.jinja"

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         if args.command == "samples":
             cli.check_writable(args.out, "--out")
             data = data_config(args)
-            found = sources.resolve(data, None)
+            found = sources.resolve(data, None, check_format=False)
             if found is None:
                 raise UsageError("synthetic batches are made on the devices: name a real source")
             order = orders.make_order(

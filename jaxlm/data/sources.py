@@ -52,10 +52,13 @@ class Source:
     weight: float
 
 
-def resolve(data, vocab_size: int | None, *, init_from: str | None = None) -> list[Source] | None:
+def resolve(
+    data, vocab_size: int | None, *, init_from: str | None = None, check_format: bool = True
+) -> list[Source] | None:
     """The sources `data.source` names (None for synthetic), each checked: it exists and is
     intact, its vocabulary fits `vocab_size` (the model's; None: not checked), its tokenizer
-    is `data.tokenizer` if that is set, and it holds what `data.format` says. Conversations in
+    is `data.tokenizer` if that is set, and it holds what `data.format` says (unless
+    `check_format` is false: the tools that only look at a source). Conversations in
     JSONL are prepared first (with the chat template of `data.chat_template`, else that of the
     run `init_from` where it has one, else the built-in one)."""
     components = blend.parse(data.source)
@@ -77,7 +80,7 @@ def resolve(data, vocab_size: int | None, *, init_from: str | None = None) -> li
     names = _names([path for _, path, _ in found])
     sources = [Source(n, k, p, w) for n, (k, p, w) in zip(names, found, strict=True)]
     for source in sources:
-        _check(source, data, vocab_size)
+        _check(source, data, vocab_size, check_format)
     return sources
 
 
@@ -109,11 +112,11 @@ def _names(paths: list[pathlib.Path]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
 
 
-def _check(source: Source, data, vocab: int | None) -> None:
+def _check(source: Source, data, vocab: int | None, check_format: bool) -> None:
     if source.kind == "prepared":
         manifest = shards.read_manifest(source.path)
         holds = format_of(manifest)
-        if holds != data.format:
+        if check_format and holds != data.format:
             raise UsageError(
                 f"{source.path} holds {holds} data but data.format={data.format}: set "
                 f"data.format={holds}, or prepare it with --format {data.format}"
@@ -132,7 +135,7 @@ def _check(source: Source, data, vocab: int | None) -> None:
                     f"not with data.tokenizer={data.tokenizer} ({wanted[:12]})"
                 )
         return
-    if data.format == "chat":
+    if check_format and data.format == "chat":
         raise UsageError(
             f"the Megatron dataset {source.path} holds no loss masks: data.format=chat needs "
             f"conversations (a JSONL file, or a directory from prepare --format chat)"
@@ -279,7 +282,7 @@ def open_split(source: Source, split: str, data):
 def describe(data) -> list[dict]:
     """What `python -m jaxlm.data inspect` prints: per source its kind, documents, tokens,
     dtype, tokenizer and splits."""
-    found = resolve(data, None)
+    found = resolve(data, None, check_format=False)
     if found is None:
         raise UsageError("synthetic batches are made on the devices: there is nothing to inspect")
     rows = []
